@@ -1,0 +1,298 @@
+"""The VGG-style few-shot backbone of MAML++, with fast weights as explicit arguments.
+
+The layer owns the meta-parameters (conv and dense kernels/biases as Keras
+variables, per-step batch norm as `PerStepBatchNorm` sub-layers) but its
+forward passes take the adaptable weights as a `params` dict keyed by stable
+names (`conv0/kernel`, …, `dense/bias`). The inner loop therefore never
+mutates a layer, which is what keeps second-order gradients connected in TF2.
+
+Two forward passes compute the same function:
+  * `forward`: one task, `x [B, H, W, C]`, `params[name]` without a task axis
+    (the straightforward reference);
+  * `forward_tasks`: a stack of tasks, `x [T, B, H, W, C]`, every
+    `params[name]` with a leading task axis. Tasks run through one grouped
+    convolution (tasks stacked on channels) and one batched matmul, each task
+    keeping its own fast weights and batch-norm statistics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import keras
+import tensorflow as tf
+
+from mamlpp_tf.layers import PerStepBatchNorm, batch_moments
+
+LEAKY_RELU_SLOPE = 0.01  # PyTorch's F.leaky_relu default, used by the official net.
+POOL_IMPLS = ("max_pool", "reshape")
+
+
+class BatchMoments(NamedTuple):
+    """Batch statistics of one batch-norm layer in one pass, for running-stat updates.
+
+    Attributes:
+      mean: `[C]` (single task) or `[T, C]` (task-batched).
+      variance: Biased variance, same shape as `mean`.
+      count: Elements per channel each statistic was computed from.
+    """
+    mean: tf.Tensor
+    variance: tf.Tensor
+    count: int
+
+
+def _leaky_relu(x: tf.Tensor) -> tf.Tensor:
+    return tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE)
+
+
+def _pool(x: tf.Tensor, impl: str) -> tf.Tensor:
+    """2×2/2 max pooling with floor, on `[B, H, W, C]`.
+
+    `reshape` pools with `reduce_max` over a reshape, whose second derivative
+    XLA computes exactly (XLA's max-pool second derivative does not). The two
+    differ only where a window has tied maxima: `max_pool` routes the gradient
+    to one of them (as PyTorch does), `reduce_max` splits it.
+    """
+    if impl == "max_pool":
+        return tf.nn.max_pool2d(x, ksize=2, strides=2, padding="VALID")
+    height, width = x.shape[1] // 2, x.shape[2] // 2
+    x = x[:, :2 * height, :2 * width, :]
+    x = tf.reshape(x, [-1, height, 2, width, 2, x.shape[-1]])
+    return tf.reduce_max(x, axis=[2, 4])
+
+
+@keras.saving.register_keras_serializable(package="mamlpp_tf")
+class VGGBackbone(keras.layers.Layer):
+    """Conv(3×3, bias) → per-step BN → LeakyReLU(0.01) → max-pool, repeated; then dense.
+
+    SPEC §1: `num_stages` stages of `num_filters` 3×3 convolutions (stride 1,
+    padding 1, with bias), batch norm, leaky ReLU with slope 0.01 and 2×2/2
+    max pooling; flatten; a dense layer to `n_way` logits. Kernels are
+    Glorot-uniform, biases zero. With `max_pooling=False` it is the
+    strided-convolution variant of the paper's stability figure: stride-2
+    convolutions, no pooling, and a global average pool before the head.
+
+    Args:
+      n_way: Output classes.
+      image_shape: `(H, W, C)` of the inputs.
+      num_filters: Channels of every convolution.
+      num_stages: Number of conv stages.
+      max_pooling: Max-pool after each stage (True) or strided convolutions.
+      num_steps: Inner steps `S`, i.e. rows of the per-step batch norm.
+      per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
+      bn_policy: `"batch"` or `"running"`; see `PerStepBatchNorm`.
+      pool_impl: `"max_pool"` or `"reshape"` (XLA-safe second derivative).
+      **kwargs: Standard layer arguments (`name`, `dtype`).
+
+    Raises:
+      ValueError: if the image is too small for the number of stages, or an
+        argument is out of range.
+    """
+
+    def __init__(self,
+                 n_way: int,
+                 image_shape: Sequence[int],
+                 num_filters: int = 64,
+                 num_stages: int = 4,
+                 max_pooling: bool = True,
+                 num_steps: int = 5,
+                 per_step_bn: bool = True,
+                 bn_policy: str = "batch",
+                 pool_impl: str = "max_pool",
+                 **kwargs):
+        super().__init__(**kwargs)
+        image_shape = tuple(int(d) for d in image_shape)
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (H, W, C), got {image_shape}.")
+        if n_way < 2 or num_filters < 1 or num_stages < 1:
+            raise ValueError("n_way must be >= 2 and num_filters, num_stages >= 1; "
+                             f"got {n_way}, {num_filters}, {num_stages}.")
+        if pool_impl not in POOL_IMPLS:
+            raise ValueError(f"pool_impl must be one of {POOL_IMPLS}, got {pool_impl!r}.")
+        self.n_way = int(n_way)
+        self.image_shape = image_shape
+        self.num_filters = int(num_filters)
+        self.num_stages = int(num_stages)
+        self.max_pooling = bool(max_pooling)
+        self.num_steps = int(num_steps)
+        self.per_step_bn = bool(per_step_bn)
+        self.bn_policy = bn_policy
+        self.pool_impl = pool_impl
+        self.feature_shape = self._feature_shape()
+        self.norms = [
+            PerStepBatchNorm(num_steps, per_step=per_step_bn, policy=bn_policy,
+                             name=f"norm{i}", dtype=self.dtype_policy)
+            for i in range(self.num_stages)
+        ]
+        self.weights_by_name: dict[str, keras.Variable] = {}
+        self.build((None,) + image_shape)
+
+    def _feature_shape(self) -> tuple[int, int, int]:
+        height, width, _ = self.image_shape
+        for stage in range(self.num_stages):
+            # Stride-2 conv with padding 1: floor((H - 1) / 2) + 1; max-pool: floor(H / 2).
+            height, width = ((height // 2, width // 2) if self.max_pooling else
+                             ((height - 1) // 2 + 1, (width - 1) // 2 + 1))
+            if height < 1 or width < 1:
+                raise ValueError(f"image_shape {self.image_shape} is too small for "
+                                 f"num_stages={self.num_stages}: no pixels left after "
+                                 f"stage {stage}.")
+        if not self.max_pooling:
+            return (1, 1, self.num_filters)  # Global average pool.
+        return (height, width, self.num_filters)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the adaptable tensors in network order (the LSLR keys)."""
+        names = []
+        for i in range(self.num_stages):
+            names += [f"conv{i}/kernel", f"conv{i}/bias"]
+        return names + ["dense/kernel", "dense/bias"]
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        if self.built:
+            return
+        channels = self.image_shape[-1]
+        for i in range(self.num_stages):
+            self.weights_by_name[f"conv{i}/kernel"] = self.add_weight(
+                name=f"conv{i}_kernel", shape=(3, 3, channels, self.num_filters),
+                initializer="glorot_uniform")
+            self.weights_by_name[f"conv{i}/bias"] = self.add_weight(
+                name=f"conv{i}_bias", shape=(self.num_filters,), initializer="zeros")
+            self.norms[i].build((None, None, None, self.num_filters))
+            channels = self.num_filters
+        features = 1
+        for d in self.feature_shape:
+            features *= d
+        self.weights_by_name["dense/kernel"] = self.add_weight(
+            name="dense_kernel", shape=(features, self.n_way),
+            initializer="glorot_uniform")
+        self.weights_by_name["dense/bias"] = self.add_weight(
+            name="dense_bias", shape=(self.n_way,), initializer="zeros")
+        self.built = True
+
+    def initial_params(self) -> dict[str, tf.Tensor]:
+        """The meta-parameters as the fast weights `θ_0` of an inner loop.
+
+        Read inside a `GradientTape`, the outer gradient flows back to the
+        variables through these tensors.
+        """
+        return {name: tf.convert_to_tensor(self.weights_by_name[name])
+                for name in self.param_names}
+
+    def _conv(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        stride = 1 if self.max_pooling else 2
+        # Explicit padding 1 on both sides, as PyTorch's padding=1 (TF's SAME
+        # pads stride-2 convolutions asymmetrically).
+        return tf.nn.conv2d(x, kernel, strides=stride,
+                            padding=[[0, 0], [1, 1], [1, 1], [0, 0]])
+
+    def forward(self,
+                x: tf.Tensor,
+                params: dict[str, tf.Tensor],
+                step: int,
+                training: bool) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """Logits of one task's images under fast weights `params`.
+
+        Args:
+          x: Images `[B, H, W, C]`.
+          params: Fast weights by name (see `param_names`).
+          step: Inner step selecting the per-step batch-norm row.
+          training: Meta-training pass (matters for the `running` BN policy).
+
+        Returns:
+          `(logits [B, n_way], moments)`: the batch moments of each batch-norm
+          layer, for the caller's running-statistics update.
+        """
+        moments = []
+        for i, norm in enumerate(self.norms):
+            x = self._conv(x, params[f"conv{i}/kernel"]) + params[f"conv{i}/bias"]
+            mean, variance = batch_moments(x, (0, 1, 2))
+            moments.append(BatchMoments(mean, variance, _count(x, (0, 1, 2))))
+            x = _leaky_relu(norm(x, step=step, training=training))
+            if self.max_pooling:
+                x = _pool(x, self.pool_impl)
+        if self.max_pooling:
+            x = tf.reshape(x, [tf.shape(x)[0], -1])
+        else:
+            x = tf.reduce_mean(x, axis=[1, 2])
+        return x @ params["dense/kernel"] + params["dense/bias"], moments
+
+    def forward_tasks(self,
+                      x: tf.Tensor,
+                      params: dict[str, tf.Tensor],
+                      step: int,
+                      training: bool) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """`forward` for a stack of tasks at once; each task has its own weights.
+
+        Args:
+          x: Images `[T, B, H, W, C]`.
+          params: Fast weights by name, each with a leading task axis `T`.
+          step: Inner step selecting the per-step batch-norm row.
+          training: Meta-training pass.
+
+        Returns:
+          `(logits [T, B, n_way], moments)` with per-task moments `[T, C]`.
+        """
+        tasks = x.shape[0]
+        batch = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
+        # Layout [B, H, W, T, C]: tasks are groups of channels for the
+        # convolution, and a separate axis for per-task batch statistics.
+        x = tf.transpose(x, [1, 2, 3, 0, 4])
+        moments = []
+        for i, norm in enumerate(self.norms):
+            x = self._grouped_conv(x, params[f"conv{i}/kernel"])
+            x = x + params[f"conv{i}/bias"]
+            mean, variance = batch_moments(x, (0, 1, 2))
+            moments.append(BatchMoments(mean, variance, _count(x, (0, 1, 2))))
+            x = _leaky_relu(norm(x, step=step, training=training, axes=(0, 1, 2)))
+            if self.max_pooling:
+                height, width = x.shape[1], x.shape[2]
+                x = tf.reshape(x, [batch, height, width, tasks * self.num_filters])
+                x = _pool(x, self.pool_impl)
+                x = tf.reshape(x, [batch, height // 2, width // 2, tasks,
+                                   self.num_filters])
+        if self.max_pooling:
+            x = tf.transpose(x, [3, 0, 1, 2, 4])  # [T, B, h, w, C], flattened as forward.
+            x = tf.reshape(x, [tasks, batch, -1])
+        else:
+            x = tf.transpose(tf.reduce_mean(x, axis=[1, 2]), [1, 0, 2])
+        logits = tf.linalg.matmul(x, params["dense/kernel"])
+        return logits + params["dense/bias"][:, None, :], moments
+
+    def _grouped_conv(self, x: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
+        """Per-task convolution of `x [B, H, W, T, Cin]` with `kernels [T, 3, 3, Cin, Cout]`."""
+        batch, height, width, tasks, channels = (tf.shape(x)[0], x.shape[1],
+                                                 x.shape[2], x.shape[3], x.shape[4])
+        out = kernels.shape[-1]
+        if x.dtype != tf.float32:
+            # TF's CPU kernels differentiate grouped convolutions only in
+            # float32 (oneDNN); other dtypes convolve task by task.
+            y = tf.stack([self._conv(x[:, :, :, t], kernels[t]) for t in range(tasks)],
+                         axis=3)
+            return y
+        x = tf.reshape(x, [batch, height, width, tasks * channels])
+        kernel = tf.reshape(tf.transpose(kernels, [1, 2, 3, 0, 4]),
+                            [3, 3, channels, tasks * out])
+        y = self._conv(x, kernel)
+        return tf.reshape(y, [batch, y.shape[1], y.shape[2], tasks, out])
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(n_way=self.n_way, image_shape=self.image_shape,
+                      num_filters=self.num_filters, num_stages=self.num_stages,
+                      max_pooling=self.max_pooling, num_steps=self.num_steps,
+                      per_step_bn=self.per_step_bn, bn_policy=self.bn_policy,
+                      pool_impl=self.pool_impl)
+        return config
+
+
+def _count(x: tf.Tensor, axes: Sequence[int]) -> int | tf.Tensor:
+    """Number of elements per channel reduced over `axes` (static when known)."""
+    count = 1
+    for axis in axes:
+        dim = x.shape[axis]
+        if dim is None:
+            return tf.reduce_prod(tf.gather(tf.shape(x), list(axes)))
+        count *= dim
+    return count

@@ -1,0 +1,101 @@
+"""`LearnerConfig`: the hyper-parameters of one MAML/MAML++ learner, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mamlpp_tf.layers import BN_POLICIES
+
+TASK_IMPLS = ("loop", "batched", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Everything that defines a learner's network, inner loop and outer loop.
+
+    Defaults are the official MAML++ Omniglot 5-way 1-shot values (SPEC §9).
+
+    Attributes:
+      n_way: Classes per task (size of the head).
+      image_shape: `(H, W, C)` of the images.
+      num_filters: Channels of every convolution.
+      num_stages: Conv stages of the backbone.
+      max_pooling: Max-pool after each stage; False = strided convolutions.
+      inner_steps: Inner steps `S` in meta-training (rows of per-step BN).
+      eval_inner_steps: Inner steps at evaluation; at most `inner_steps`
+        because per-step batch norm has only `inner_steps` rows.
+      inner_lr: Initial (MAML++) or fixed (MAML) inner learning rate.
+      learn_inner_lr: LSLR: learn one rate per tensor and step.
+      per_step_bn: BNWB+BNRS: per-step batch-norm weights and statistics.
+      bn_stats: `"batch"` (official behaviour) or `"running"` (per-step running
+        statistics at evaluation).
+      msl_epochs: Epochs of multi-step loss annealing; 0 turns MSL off.
+      second_order: Use second-order meta-gradients (after `first_order_epochs`).
+      first_order_epochs: Derivative-order annealing: epochs `0..k` are first
+        order; -1 turns DA off.
+      meta_lr: Initial meta learning rate (Adam).
+      min_meta_lr: Cosine-annealing floor; equal to `meta_lr` turns CA off.
+      epochs: Total epochs (the cosine period `T_max`).
+      iterations_per_epoch: Meta-iterations per epoch.
+      grad_clip: Element-wise clip of network gradients (not LSLR), 0 = off.
+      adam_epsilon: Adam's epsilon (Keras convention, see README).
+      task_impl: `"loop"` (tasks one after another, the reference),
+        `"batched"` (tasks stacked through grouped convolutions) or `"auto"`.
+      jit_compile: Compile the steps with XLA.
+      dtype: Variable and compute dtype (`"float32"`; `"float64"` for tests).
+    """
+    n_way: int = 5
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    num_filters: int = 64
+    num_stages: int = 4
+    max_pooling: bool = True
+    inner_steps: int = 5
+    eval_inner_steps: int = 5
+    inner_lr: float = 0.1
+    learn_inner_lr: bool = True
+    per_step_bn: bool = True
+    bn_stats: str = "batch"
+    msl_epochs: int = 10
+    second_order: bool = True
+    first_order_epochs: int = -1
+    meta_lr: float = 1e-3
+    min_meta_lr: float = 1e-5
+    epochs: int = 100
+    iterations_per_epoch: int = 500
+    grad_clip: float = 0.0
+    adam_epsilon: float = 1e-8
+    task_impl: str = "auto"
+    jit_compile: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
+        checks = [
+            (self.n_way >= 2, "n_way", "must be >= 2"),
+            (len(self.image_shape) == 3 and min(self.image_shape) >= 1, "image_shape",
+             "must be (H, W, C) with positive sizes"),
+            (self.num_filters >= 1, "num_filters", "must be >= 1"),
+            (self.num_stages >= 1, "num_stages", "must be >= 1"),
+            (self.inner_steps >= 1, "inner_steps", "must be >= 1"),
+            (1 <= self.eval_inner_steps <= self.inner_steps, "eval_inner_steps",
+             f"must be in [1, inner_steps={self.inner_steps}]: per-step batch norm "
+             "and LSLR have one row per training step"),
+            (self.bn_stats in BN_POLICIES, "bn_stats", f"must be one of {BN_POLICIES}"),
+            (self.bn_stats == "batch" or self.per_step_bn, "bn_stats",
+             "'running' needs per_step_bn (shared BN keeps no running statistics)"),
+            (self.msl_epochs >= 0, "msl_epochs", "must be >= 0 (0 = off)"),
+            (self.first_order_epochs >= -1, "first_order_epochs", "must be >= -1"),
+            (self.meta_lr > 0, "meta_lr", "must be > 0"),
+            (0 <= self.min_meta_lr <= self.meta_lr, "min_meta_lr",
+             "must be in [0, meta_lr]"),
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.iterations_per_epoch >= 1, "iterations_per_epoch", "must be >= 1"),
+            (self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)"),
+            (self.adam_epsilon > 0, "adam_epsilon", "must be > 0"),
+            (self.task_impl in TASK_IMPLS, "task_impl", f"must be one of {TASK_IMPLS}"),
+            (self.dtype in ("float32", "float64"), "dtype",
+             "must be 'float32' or 'float64'"),
+        ]
+        for ok, field, message in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r} {message}.")

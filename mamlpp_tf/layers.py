@@ -1,0 +1,276 @@
+"""Keras layers that own MAML++'s per-step state: per-step batch norm and LSLR.
+
+Both layers are stateless with respect to the inner loop: they never hold fast
+weights. The learner passes the step index (a Python int, because the inner
+loop is unrolled) and, for `PerStepLearningRates`, the fast weights and their
+gradients; the layers only contribute their own meta-parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+BN_POLICIES = ("batch", "running")
+
+
+def batch_moments(x: tf.Tensor, axes: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean and biased variance of `x` over `axes`, differentiable twice.
+
+    `tf.nn.moments` stops the gradient through the mean inside the variance,
+    which keeps first derivatives right but makes the second derivatives that
+    second-order MAML needs wrong. Computing `mean(square(x - mean))` keeps the
+    whole dependency in the graph.
+
+    Args:
+        x: Input tensor.
+        axes: Axes to reduce.
+
+    Returns:
+        `(mean, variance)` with the reduced axes removed.
+    """
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+
+
+@keras.saving.register_keras_serializable(package="mamlpp_tf")
+class PerStepBatchNorm(keras.layers.Layer):
+    """Batch norm with one set of gamma/beta and running statistics per inner step.
+
+    MAML++'s BNWB+BNRS: the network uses row `step` of `gamma`, `beta`,
+    `running_mean` and `running_var` at inner step `step`. Gamma and beta are
+    meta-parameters: the outer optimiser trains them, the inner loop never
+    adapts them.
+
+    Normalisation policy (`policy`):
+    * `"batch"` — what the official PyTorch code really does: every pass,
+      support and query, training and evaluation, is normalised with the
+      statistics of its own batch (transductive over the query set).
+      Running statistics are tracked but never read.
+    * `"running"` — the paper's stated intent: training passes use batch
+      statistics; evaluation passes (`training=False`) use the per-step
+      running statistics of row `step`, so each query image is classified on
+      its own.
+
+    Running statistics follow PyTorch's convention: `running = (1 - momentum) *
+    running + momentum * batch_stat` with momentum 0.1 and the *unbiased* batch
+    variance. They are not updated inside `call`: the learner gathers the batch
+    moments of a meta-batch and calls `update_running_stats` once per pass, so
+    the update does not depend on how tasks are laid out (per-task loop, task
+    batching or replicas).
+
+    With `per_step=False` the layer is the plain-MAML baseline: one shared
+    gamma/beta of shape `[C]`, batch statistics always, no running statistics.
+
+    Args:
+        num_steps: Number of inner steps `S` (rows of the per-step variables).
+        per_step: Per-step variables (MAML++) or one shared set (MAML).
+        policy: `"batch"` or `"running"` (see above).
+        momentum: PyTorch-style running-statistics momentum.
+        epsilon: Added to the variance before the square root.
+        **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`).
+
+    Raises:
+        ValueError: on a non-positive `num_steps`, an unknown `policy`, or
+            `policy="running"` with `per_step=False`.
+    """
+
+    def __init__(self,
+                 num_steps: int,
+                 per_step: bool = True,
+                 policy: str = "batch",
+                 momentum: float = 0.1,
+                 epsilon: float = 1e-5,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        if policy not in BN_POLICIES:
+            raise ValueError(f"policy must be one of {BN_POLICIES}, got {policy!r}.")
+        if policy == "running" and not per_step:
+            raise ValueError("policy='running' needs per_step=True: the shared "
+                             "(plain MAML) batch norm keeps no running statistics.")
+        self.num_steps = int(num_steps)
+        self.per_step = bool(per_step)
+        self.policy = policy
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        channels = int(input_shape[-1])
+        shape = (self.num_steps, channels) if self.per_step else (channels,)
+        self.gamma = self.add_weight(name="gamma",
+                                     shape=shape,
+                                     initializer="ones",
+                                     trainable=True)
+        self.beta = self.add_weight(name="beta",
+                                    shape=shape,
+                                    initializer="zeros",
+                                    trainable=True)
+        if self.per_step:
+            self.running_mean = self.add_weight(name="running_mean",
+                                                shape=shape,
+                                                initializer="zeros",
+                                                trainable=False,
+                                                aggregation="mean")
+            self.running_var = self.add_weight(name="running_var",
+                                               shape=shape,
+                                               initializer="ones",
+                                               trainable=False,
+                                               aggregation="mean")
+
+    def _row(self, variable: keras.Variable, step: int) -> tf.Tensor:
+        if not self.per_step:
+            return tf.convert_to_tensor(variable)
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step {step} outside the {self.num_steps} per-step "
+                             f"rows of {self.name}.")
+        return tf.convert_to_tensor(variable)[step]
+
+    def call(self,
+             x: tf.Tensor,
+             step: int = 0,
+             training: bool | None = None,
+             axes: Sequence[int] | None = None) -> tf.Tensor:
+        """Normalises `x` with the statistics the policy prescribes.
+
+        Args:
+            x: Activations `[..., C]`.
+            step: Inner step (Python int) selecting the per-step row.
+            training: Whether this is a meta-training pass. Only the `"running"`
+                policy looks at it.
+            axes: Axes holding one batch. Defaults to all but the last; a task-
+                batched caller passes e.g. `(1, 2, 3)` so each task keeps its own
+                statistics.
+
+        Returns:
+            The normalised, scaled and shifted tensor.
+        """
+        axes = tuple(range(x.shape.rank - 1)) if axes is None else tuple(axes)
+        gamma, beta = self._row(self.gamma, step), self._row(self.beta, step)
+        if self.policy == "running" and not training:
+            mean, variance = (self._row(self.running_mean,
+                                        step), self._row(self.running_var, step))
+        else:
+            mean, variance = batch_moments(x, axes)
+            for axis in sorted(axes):
+                mean, variance = tf.expand_dims(mean,
+                                                axis), tf.expand_dims(variance, axis)
+        return (x - mean) * tf.math.rsqrt(variance + self.epsilon) * gamma + beta
+
+    def update_running_stats(self, step: int, mean: tf.Tensor, variance: tf.Tensor,
+                             count: int | tf.Tensor) -> None:
+        """Applies one PyTorch-style momentum update to row `step`.
+
+        Args:
+            step: Row to update.
+            mean: Batch mean `[C]` (already averaged over tasks if several).
+            variance: Biased batch variance `[C]`; converted to the unbiased
+                estimate with `count` as PyTorch does.
+            count: Number of elements each statistic was computed from.
+        """
+        if not self.per_step:
+            return
+        count = tf.cast(count, variance.dtype)
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        m = self.momentum
+        one_hot = tf.one_hot(step, self.num_steps, dtype=self.running_mean.dtype)[:,
+                                                                                  None]
+        for variable, value in ((self.running_mean, mean), (self.running_var,
+                                                            unbiased)):
+            current = tf.convert_to_tensor(variable)
+            variable.assign(current + one_hot * m *
+                            (tf.stop_gradient(value)[None] - current))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_steps=self.num_steps,
+                      per_step=self.per_step,
+                      policy=self.policy,
+                      momentum=self.momentum,
+                      epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mamlpp_tf")
+class PerStepLearningRates(keras.layers.Layer):
+    """LSLR: one learned inner learning rate per adaptable tensor and inner step.
+
+    Holds a vector of length `num_steps` for every name in `param_names` and
+    owns MAML++'s inner update rule `θ_{i+1}[p] = θ_i[p] − α[p][i] · g_i[p]`.
+    Rates are unconstrained (they may turn negative, as the paper observes).
+    With `trainable=False` the layer is plain MAML's fixed scalar rate.
+
+    Args:
+        param_names: Names of the adaptable tensors, in network order.
+        num_steps: Number of inner steps `S`.
+        initial_rate: Initial value of every rate.
+        trainable: Whether the outer optimiser learns the rates (MAML++) or
+            keeps them fixed (MAML).
+        **kwargs: Standard `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: on an empty or duplicated `param_names` or `num_steps < 1`.
+    """
+
+    def __init__(self,
+                 param_names: Sequence[str],
+                 num_steps: int,
+                 initial_rate: float = 0.1,
+                 trainable: bool = True,
+                 **kwargs):
+        super().__init__(trainable=trainable, **kwargs)
+        param_names = list(param_names)
+        if not param_names or len(set(param_names)) != len(param_names):
+            raise ValueError(f"param_names must be non-empty and unique, got "
+                             f"{param_names}.")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        self.param_names = param_names
+        self.num_steps = int(num_steps)
+        self.initial_rate = float(initial_rate)
+        self.rates: dict[str, keras.Variable] = {}
+        # The layer's variables exist from construction: their shapes do not
+        # depend on any input, and the learner needs them before the first trace.
+        for name in self.param_names:
+            self.rates[name] = self.add_weight(name=name.replace("/", "_"),
+                                               shape=(self.num_steps,),
+                                               initializer=keras.initializers.Constant(
+                                                   self.initial_rate),
+                                               trainable=trainable)
+        self.built = True
+
+    def update(self, params: Mapping[str, tf.Tensor], grads: Mapping[str, tf.Tensor],
+             step: int) -> dict[str, tf.Tensor]:
+        """Returns the fast weights after one inner step.
+
+        Args:
+            params: Fast weights `θ_i` by name; every name must have a rate.
+            grads: Gradients `g_i` by the same names.
+            step: Inner step `i` (Python int).
+
+        Returns:
+            `θ_{i+1}` as a new dict with the same keys.
+
+        Raises:
+            ValueError: if `step` is outside `[0, num_steps)`.
+        """
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step {step} outside the {self.num_steps} learned "
+                             "inner learning rates.")
+        return {
+            name:
+                value -
+                tf.cast(tf.convert_to_tensor(self.rates[name])[step], value.dtype) *
+                grads[name] for name, value in params.items()
+        }
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(param_names=self.param_names,
+                      num_steps=self.num_steps,
+                      initial_rate=self.initial_rate)
+        return config

@@ -1,0 +1,384 @@
+"""`MamlPlusPlus`: the MAML++ learner — inner loop, meta-loss and meta-steps.
+
+A meta-batch is a tuple `(support_x [T, N·K, H, W, C], support_y [T, N·K],
+query_x [T, N·Q, H, W, C], query_y [T, N·Q])` of `T` tasks with equal shapes.
+
+For every task the inner loop starts from the meta-parameters `θ_0`, takes
+`S` steps `θ_{i+1} = θ_i − α[·][i] ∇L_support(θ_i)` with the learned per-layer,
+per-step rates (LSLR) and per-step batch norm, and scores the query set. The
+task loss is the multi-step loss `Σ_i v_i(e) L_query(θ_{i+1})` while MSL is
+active, else the final-step query loss; the meta-loss is the mean over tasks.
+Second order keeps the inner gradients in the graph of the outer tape; first
+order treats them as constants (derivative-order annealing switches between the
+two by epoch). Adam with a per-epoch cosine schedule updates the network,
+the per-step batch-norm gamma/beta and the LSLR rates.
+
+Two task layouts compute the same numbers: `loop` runs tasks one after another
+(the simple reference) and `batched` runs them through the network together
+(`VGGBackbone.forward_tasks`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mamlpp_tf import schedules
+from mamlpp_tf.backbone import BatchMoments, VGGBackbone
+from mamlpp_tf.config import LearnerConfig
+from mamlpp_tf.layers import PerStepLearningRates
+
+Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
+# One pass of the network: (batch-norm step, moments of each BN layer).
+PassRecord = tuple[int, list[BatchMoments]]
+
+# Query images per task above which the per-task loop beats task batching on CPU
+# (measured with benchmarks/meta_step.py; see benchmarks/README.md).
+_AUTO_BATCHED_MAX_QUERY = 40
+
+
+def _cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean cross-entropy over the last batch axis (per task when batched)."""
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits),
+        axis=-1)
+
+
+def _accuracy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Fraction of correct argmax predictions over the last batch axis."""
+    predictions = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+    return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), logits.dtype), axis=-1)
+
+
+class MamlPlusPlus:
+    """MAML++ (and, by configuration, plain MAML) for few-shot classification.
+
+    Build it under `strategy.scope()` to train with a distribution strategy:
+    every variable, optimiser slots included, is created in the constructor.
+
+    Args:
+      config: The learner's hyper-parameters.
+      optimizer: Outer optimiser; defaults to Adam(β=(0.9, 0.999), ε from the
+        config) with the per-epoch cosine schedule of SPEC §7.
+      backbone: The network; defaults to the `VGGBackbone` the config
+        describes. Any layer with the same fast-weight interface works
+        (`param_names`, `initial_params()`, `forward`, `forward_tasks` for the
+        batched layout, and `norms`, its `PerStepBatchNorm` layers in pass order).
+
+    Attributes:
+      config: The `LearnerConfig`.
+      backbone: The `VGGBackbone` holding network and per-step BN variables.
+      lslr: The `PerStepLearningRates` layer.
+      optimizer: The outer Keras optimiser.
+      trace_count: How many times a train/eval step has been traced (tests
+        use it to prove the steps do not retrace per iteration).
+    """
+
+    def __init__(self, config: LearnerConfig,
+                 optimizer: keras.optimizers.Optimizer | None = None,
+                 backbone: keras.layers.Layer | None = None):
+        self.config = config
+        self._strategy = tf.distribute.get_strategy()
+        self.backbone = backbone or VGGBackbone(
+            n_way=config.n_way, image_shape=config.image_shape,
+            num_filters=config.num_filters, num_stages=config.num_stages,
+            max_pooling=config.max_pooling, num_steps=config.inner_steps,
+            per_step_bn=config.per_step_bn, bn_policy=config.bn_stats,
+            pool_impl="reshape" if config.jit_compile else "max_pool",
+            dtype=config.dtype, name="backbone")
+        self.lslr = PerStepLearningRates(
+            self.backbone.param_names, config.inner_steps, config.inner_lr,
+            trainable=config.learn_inner_lr, dtype=config.dtype, name="lslr")
+        if optimizer is None:
+            optimizer = keras.optimizers.Adam(
+                learning_rate=schedules.CosineMetaLearningRate(
+                    config.meta_lr, config.min_meta_lr, config.epochs,
+                    config.iterations_per_epoch),
+                beta_1=0.9, beta_2=0.999, epsilon=config.adam_epsilon)
+        self.optimizer = optimizer
+        self.optimizer.build(self.trainable_variables)
+        self.trace_count = 0
+        self._train_fns: dict[tuple[bool, bool], Callable] = {}
+        self._eval_fn: Callable | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def network_variables(self) -> list[keras.Variable]:
+        """Trainable network weights: conv/dense kernels and biases, BN gamma/beta."""
+        return list(self.backbone.trainable_variables)
+
+    @property
+    def trainable_variables(self) -> list[keras.Variable]:
+        """Every meta-parameter: network, per-step BN gamma/beta and (if learned) LSLR."""
+        return self.network_variables + list(self.lslr.trainable_variables)
+
+    @property
+    def running_stat_variables(self) -> list[keras.Variable]:
+        """Per-step batch-norm running statistics (not trained by gradients)."""
+        return list(self.backbone.non_trainable_variables)
+
+    @property
+    def iterations(self) -> tf.Variable:
+        """Meta-updates applied so far (the optimiser's counter)."""
+        return self.optimizer.iterations
+
+    def checkpoint_items(self) -> dict[str, object]:
+        """The trackable objects a `tf.train.Checkpoint` of the learner must hold."""
+        return dict(backbone=self.backbone, lslr=self.lslr, optimizer=self.optimizer)
+
+    # ------------------------------------------------------------ inner loop
+
+    def _task_impl(self, query_per_task: int) -> str:
+        impl = self.config.task_impl
+        if impl == "auto":
+            return "batched" if query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop"
+        return impl
+
+    def run_tasks(self, batch: Batch, *, num_steps: int, training: bool,
+                  second_order: bool, msl_weights: tf.Tensor | None
+                  ) -> tuple[tf.Tensor, tf.Tensor, list[PassRecord]]:
+        """Adapts to every task of `batch` and scores its query set.
+
+        The building block of `meta_loss`, `train_step` and `eval_step`,
+        public for analyses that need per-task or per-step losses. Changes no
+        variable.
+
+        Args:
+          batch: A meta-batch (see module docstring).
+          num_steps: Inner steps.
+          training: Meta-training passes (batch-norm policy, moments).
+          second_order: Keep the inner gradients differentiable.
+          msl_weights: `[num_steps]` per-step query-loss weights, or None for
+            the final-step loss only.
+
+        Returns:
+          `(task_losses [T], final_logits [T, N·Q, n_way], records)` where
+          `records` holds, per network pass in order, the batch moments
+          averaged over tasks.
+        """
+        support_x, support_y, query_x, query_y = batch
+        tasks = support_x.shape[0]
+        if self._task_impl(query_x.shape[1]) == "batched":
+            return self._adapt_and_score(
+                self.backbone.forward_tasks, support_x, support_y, query_x, query_y,
+                tasks=tasks, num_steps=num_steps, training=training,
+                second_order=second_order, msl_weights=msl_weights)
+        results = [
+            self._adapt_and_score(self.backbone.forward, support_x[t], support_y[t],
+                                  query_x[t], query_y[t], tasks=None,
+                                  num_steps=num_steps, training=training,
+                                  second_order=second_order, msl_weights=msl_weights)
+            for t in range(tasks)
+        ]
+        losses = tf.stack([r[0] for r in results])
+        logits = tf.stack([r[1] for r in results])
+        records = [
+            (step, [
+                BatchMoments(tf.reduce_mean(tf.stack([r[2][p][1][l].mean for r in results]), 0),
+                             tf.reduce_mean(
+                                 tf.stack([r[2][p][1][l].variance for r in results]), 0),
+                             moments[l].count) for l in range(len(moments))
+            ]) for p, (step, moments) in enumerate(results[0][2])
+        ]
+        return losses, logits, records
+
+    def _adapt_and_score(self, forward: Callable, support_x: tf.Tensor,
+                         support_y: tf.Tensor, query_x: tf.Tensor, query_y: tf.Tensor,
+                         *, tasks: int | None, num_steps: int, training: bool,
+                         second_order: bool, msl_weights: tf.Tensor | None
+                         ) -> tuple[tf.Tensor, tf.Tensor, list[PassRecord]]:
+        """The inner loop for one task (`tasks=None`) or a stack of `tasks` tasks."""
+        params = self.backbone.initial_params()
+        if tasks is not None:
+            params = {name: tf.tile(value[None], [tasks] + [1] * value.shape.rank)
+                      for name, value in params.items()}
+        records: list[PassRecord] = []
+        loss = tf.constant(0.0, dtype=self.config.dtype)
+        for step in range(num_steps):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(list(params.values()))
+                logits, moments = forward(support_x, params, step, training)
+                # Per-task losses are independent, so the gradient of their sum
+                # is each task's own gradient.
+                support_loss = tf.reduce_sum(_cross_entropy(support_y, logits))
+            records.append((step, _mean_over_tasks(moments, tasks)))
+            grads = tape.gradient(support_loss, params,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if not second_order:
+                grads = tf.nest.map_structure(tf.stop_gradient, grads)
+            params = self.lslr.update(params, grads, step)
+            if msl_weights is not None or step == num_steps - 1:
+                logits, moments = forward(query_x, params, step, training)
+                records.append((step, _mean_over_tasks(moments, tasks)))
+                query_loss = _cross_entropy(query_y, logits)
+                loss = loss + (query_loss if msl_weights is None else
+                               msl_weights[step] * query_loss)
+        return loss, logits, records
+
+    def _update_running_stats(self, records: Sequence[PassRecord]) -> None:
+        for step, moments in records:
+            for norm, moment in zip(self.backbone.norms, moments):
+                norm.update_running_stats(step, moment.mean, moment.variance, moment.count)
+
+    # --------------------------------------------------------------- public
+
+    def meta_loss(self, batch: Batch, epoch: int) -> tf.Tensor:
+        """The differentiable meta-loss of `batch` at `epoch` (MSL and DA by epoch).
+
+        Changes no variable, so an outer `tf.GradientTape` over it gives the
+        meta-gradient that `train_step` applies (before clipping).
+
+        Args:
+          batch: A meta-batch.
+          epoch: Integer epoch selecting the MSL weights and derivative order.
+
+        Returns:
+          Scalar: mean over tasks of the task losses.
+        """
+        msl, second_order, weights = self._epoch_modes(epoch)
+        losses, _, _ = self.run_tasks(
+            tuple(tf.convert_to_tensor(x) for x in batch), num_steps=self.config.inner_steps,
+            training=True, second_order=second_order,
+            msl_weights=tf.constant(weights, self.config.dtype) if msl else None)
+        return tf.reduce_mean(losses)
+
+    def _epoch_modes(self, epoch: int) -> tuple[bool, bool, np.ndarray]:
+        config = self.config
+        return (schedules.msl_active(epoch, config.msl_epochs),
+                schedules.use_second_order(epoch, config.second_order,
+                                           config.first_order_epochs),
+                schedules.msl_weights(epoch, config.inner_steps, config.msl_epochs))
+
+    def train_step(self, batch: Batch | tf.distribute.DistributedValues,
+                   epoch: int) -> dict[str, tf.Tensor]:
+        """One meta-update on `batch` (a `tf.function`, traced once per mode).
+
+        The MSL weights enter as a tensor, so their annealing never retraces;
+        the two Python modes (MSL on/off, first/second order) select one of at
+        most four traced functions.
+
+        Args:
+          batch: A meta-batch, or a distributed one under a strategy.
+          epoch: Integer epoch `iteration // iterations_per_epoch`.
+
+        Returns:
+          `{"loss", "accuracy"}`: meta-loss and query accuracy of the batch.
+        """
+        msl, second_order, weights = self._epoch_modes(epoch)
+        key = (msl, second_order)
+        if key not in self._train_fns:
+            self._train_fns[key] = self._make_train_fn(msl, second_order)
+        return self._train_fns[key](batch, tf.constant(weights, self.config.dtype))
+
+    def _make_train_fn(self, msl: bool, second_order: bool) -> Callable:
+        strategy = self._strategy
+
+        def replica_step(batch: Batch, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            global_tasks = batch[0].shape[0] * strategy.num_replicas_in_sync
+            variables = self.trainable_variables
+            with tf.GradientTape() as tape:
+                losses, logits, records = self.run_tasks(
+                    batch, num_steps=self.config.inner_steps, training=True,
+                    second_order=second_order, msl_weights=weights if msl else None)
+                loss = tf.reduce_sum(losses) / global_tasks
+            grads = tape.gradient(loss, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            self.optimizer.apply_gradients(zip(self._clip(grads), variables))
+            self._update_running_stats(records)
+            accuracy = tf.reduce_sum(_accuracy(batch[3], logits)) / global_tasks
+            return loss, accuracy
+
+        def step(batch, weights):
+            self.trace_count += 1
+            loss, accuracy = strategy.run(replica_step, args=(batch, weights))
+            return dict(loss=strategy.reduce("SUM", loss, axis=None),
+                        accuracy=strategy.reduce("SUM", accuracy, axis=None))
+
+        return tf.function(step, jit_compile=self.config.jit_compile or None)
+
+    def _clip(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Element-wise clip of the network's gradients (never LSLR's), SPEC §7."""
+        clip = self.config.grad_clip
+        if not clip:
+            return grads
+        n = len(self.network_variables)
+        return [tf.clip_by_value(g, -clip, clip) for g in grads[:n]] + list(grads[n:])
+
+    def eval_step(self, batch: Batch | tf.distribute.DistributedValues
+                  ) -> dict[str, tf.Tensor]:
+        """Adapts first-order to each task and scores its query set; changes no variable.
+
+        Args:
+          batch: A meta-batch (or a distributed one).
+
+        Returns:
+          `{"loss" [T], "accuracy" [T], "logits" [T, N·Q, n_way]}` per task,
+          the final-step query loss, accuracy and logits (logits are what the
+          top-k ensemble averages).
+        """
+        if self._eval_fn is None:
+            self._eval_fn = self._make_eval_fn()
+        return self._eval_fn(batch)
+
+    def _make_eval_fn(self) -> Callable:
+        strategy = self._strategy
+
+        def replica_step(batch: Batch) -> dict[str, tf.Tensor]:
+            losses, logits, _ = self.run_tasks(
+                batch, num_steps=self.config.eval_inner_steps, training=False,
+                second_order=False, msl_weights=None)
+            return dict(loss=losses, accuracy=_accuracy(batch[3], logits), logits=logits)
+
+        def step(batch):
+            self.trace_count += 1
+            results = strategy.run(replica_step, args=(batch,))
+            return {key: strategy.gather(value, axis=0) for key, value in results.items()}
+
+        return tf.function(step, jit_compile=self.config.jit_compile or None)
+
+    def adapt(self, support_x: tf.Tensor, support_y: tf.Tensor,
+              num_steps: int | None = None) -> dict[str, tf.Tensor]:
+        """Fast weights adapted to one task's support set (first order, as at evaluation).
+
+        Args:
+          support_x: Support images `[N·K, H, W, C]`.
+          support_y: Support labels `[N·K]` in `[0, n_way)`.
+          num_steps: Inner steps; defaults to `eval_inner_steps`.
+
+        Returns:
+          The adapted weights by name; use them with `predict`.
+        """
+        num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
+        params = self.backbone.initial_params()
+        for step in range(num_steps):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(list(params.values()))
+                logits, _ = self.backbone.forward(support_x, params, step, False)
+                loss = _cross_entropy(support_y, logits)
+            grads = tape.gradient(loss, params,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            params = self.lslr.update(params, grads, step)
+        return params
+
+    def predict(self, images: tf.Tensor, params: dict[str, tf.Tensor],
+                num_steps: int | None = None) -> tf.Tensor:
+        """Logits of `images [B, H, W, C]` under adapted weights `params`.
+
+        Batch norm uses the row of the last inner step, as the final query
+        pass of the inner loop does.
+        """
+        num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
+        logits, _ = self.backbone.forward(images, params, num_steps - 1, False)
+        return logits
+
+
+def _mean_over_tasks(moments: Iterable[BatchMoments], tasks: int | None) -> list[BatchMoments]:
+    """Averages task-batched moments `[T, C]` over tasks (single-task ones pass through)."""
+    if tasks is None:
+        return list(moments)
+    return [BatchMoments(tf.reduce_mean(m.mean, 0), tf.reduce_mean(m.variance, 0), m.count)
+            for m in moments]

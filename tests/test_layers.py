@@ -1,0 +1,173 @@
+"""PerStepBatchNorm and PerStepLearningRates against numpy references."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mamlpp_tf.layers import PerStepBatchNorm, PerStepLearningRates
+
+
+def numpy_batch_norm(x, gamma, beta, eps=1e-5):
+    mean = x.mean(axis=(0, 1, 2))
+    var = ((x - mean)**2).mean(axis=(0, 1, 2))
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def make_bn(policy="batch", steps=3, channels=4, per_step=True):
+    layer = PerStepBatchNorm(steps, per_step=per_step, policy=policy, dtype="float64")
+    layer.build((None, 5, 5, channels))
+    rng = np.random.RandomState(0)
+    layer.gamma.assign(rng.rand(*layer.gamma.shape) + 0.5)
+    layer.beta.assign(rng.randn(*layer.beta.shape))
+    if per_step:
+        layer.running_mean.assign(rng.randn(steps, channels))
+        layer.running_var.assign(rng.rand(steps, channels) + 0.5)
+    return layer
+
+
+def test_per_step_bn_shapes_and_initial_values():
+    layer = PerStepBatchNorm(5)
+    layer.build((None, 28, 28, 64))
+    for variable, value in ((layer.gamma, 1.0), (layer.beta, 0.0),
+                            (layer.running_mean, 0.0), (layer.running_var, 1.0)):
+        assert tuple(variable.shape) == (5, 64)
+        np.testing.assert_array_equal(variable.numpy(), value)
+    assert {v.path.split("/")[-1] for v in layer.trainable_variables} == {"gamma", "beta"}
+    assert len(layer.non_trainable_variables) == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_policy_uses_batch_statistics_always(training):
+    layer = make_bn("batch")
+    x = np.random.RandomState(1).randn(6, 5, 5, 4) * 3 + 2
+    for step in range(3):
+        got = layer(x, step=step, training=training).numpy()
+        want = numpy_batch_norm(x, layer.gamma.numpy()[step], layer.beta.numpy()[step])
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Running statistics are never read by the batch policy.
+    layer.running_mean.assign(layer.running_mean.numpy() + 10.0)
+    np.testing.assert_allclose(layer(x, step=2, training=training).numpy(), want, atol=1e-12)
+
+
+def test_running_policy_reads_running_statistics_at_evaluation_only():
+    layer = make_bn("running")
+    x = np.random.RandomState(2).randn(6, 5, 5, 4)
+    g, b = layer.gamma.numpy()[1], layer.beta.numpy()[1]
+    mean, var = layer.running_mean.numpy()[1], layer.running_var.numpy()[1]
+    np.testing.assert_allclose(layer(x, step=1, training=False).numpy(),
+                               (x - mean) / np.sqrt(var + 1e-5) * g + b, atol=1e-12)
+    np.testing.assert_allclose(layer(x, step=1, training=True).numpy(),
+                               numpy_batch_norm(x, g, b), atol=1e-12)
+
+
+def test_perturbing_one_row_changes_only_that_step():
+    layer = make_bn("batch")
+    x = np.random.RandomState(3).randn(4, 5, 5, 4)
+    before = [layer(x, step=s, training=True).numpy() for s in range(3)]
+    gamma = layer.gamma.numpy()
+    gamma[1] += 0.25
+    layer.gamma.assign(gamma)
+    after = [layer(x, step=s, training=True).numpy() for s in range(3)]
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[2], after[2])
+    assert np.abs(before[1] - after[1]).max() > 1e-3
+
+
+def test_task_axes_keep_statistics_per_task():
+    layer = make_bn("batch")
+    x = np.random.RandomState(4).randn(3, 5, 5, 2, 4)  # [B, H, W, T, C]
+    got = layer(x, step=0, training=True, axes=(0, 1, 2)).numpy()
+    for t in range(2):
+        want = numpy_batch_norm(x[:, :, :, t], layer.gamma.numpy()[0], layer.beta.numpy()[0])
+        np.testing.assert_allclose(got[:, :, :, t], want, atol=1e-12)
+
+
+def test_running_stat_update_is_pytorch_momentum_with_unbiased_variance():
+    layer = make_bn("batch")
+    old_mean, old_var = layer.running_mean.numpy(), layer.running_var.numpy()
+    x = np.random.RandomState(5).randn(4, 5, 5, 4)
+    n = 4 * 5 * 5
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    layer.update_running_stats(2, mean, var, n)
+    want_mean, want_var = old_mean.copy(), old_var.copy()
+    want_mean[2] = 0.9 * old_mean[2] + 0.1 * mean
+    want_var[2] = 0.9 * old_var[2] + 0.1 * x.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(layer.running_mean.numpy(), want_mean, atol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), want_var, atol=1e-12)
+
+
+def test_shared_bn_for_plain_maml():
+    layer = make_bn("batch", per_step=False)
+    assert tuple(layer.gamma.shape) == (4,) and not layer.non_trainable_variables
+    x = np.random.RandomState(6).randn(4, 5, 5, 4)
+    np.testing.assert_allclose(layer(x, step=2, training=False).numpy(),
+                               numpy_batch_norm(x, layer.gamma.numpy(), layer.beta.numpy()),
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="per_step"):
+        PerStepBatchNorm(5, per_step=False, policy="running")
+
+
+def test_second_derivative_through_variance_is_exact():
+    # tf.nn.moments would stop the gradient through the mean inside the
+    # variance; a float64 finite difference of a gradient catches that.
+    layer = make_bn("batch", steps=1, channels=1)
+    x0 = np.random.RandomState(7).randn(3, 2, 2, 1)
+    direction = np.random.RandomState(8).randn(*x0.shape)
+
+    def grad_norm(x):
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(tf.sin(layer(x, step=0, training=True)))
+        return tf.reduce_sum(tape.gradient(y, x)**2)
+
+    x = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = grad_norm(x)
+    analytic = np.sum(tape.gradient(value, x).numpy() * direction)
+    h = 1e-5
+    numeric = (grad_norm(x0 + h * direction) - grad_norm(x0 - h * direction)).numpy() / (2 * h)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (PerStepBatchNorm, dict(num_steps=4, per_step=True, policy="running", momentum=0.2)),
+    (PerStepLearningRates, dict(param_names=["a/kernel", "a/bias"], num_steps=3,
+                                initial_rate=0.05)),
+])
+def test_get_config_round_trips(cls, kwargs):
+    layer = cls(**kwargs, name="layer")
+    config = layer.get_config()
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, cls) and restored.get_config() == config
+
+
+def test_lslr_shapes_init_and_update_rule():
+    names = [f"conv{i}/{p}" for i in range(4) for p in ("kernel", "bias")]
+    names += ["dense/kernel", "dense/bias"]
+    lslr = PerStepLearningRates(names, num_steps=5, initial_rate=0.1, dtype="float64")
+    assert len(lslr.trainable_variables) == 10
+    for variable in lslr.rates.values():
+        assert tuple(variable.shape) == (5,)
+        np.testing.assert_allclose(variable.numpy(), 0.1)
+    rates = lslr.rates["conv1/bias"].numpy()
+    rates[3] = -0.7  # Rates are unconstrained: negative values are allowed.
+    lslr.rates["conv1/bias"].assign(rates)
+    rng = np.random.RandomState(0)
+    params = {n: rng.randn(3) for n in names}
+    grads = {n: rng.randn(3) for n in names}
+    new = lslr.update(params, grads, 3)
+    np.testing.assert_allclose(new["conv1/bias"], params["conv1/bias"] + 0.7 * grads["conv1/bias"])
+    np.testing.assert_allclose(new["dense/kernel"],
+                               params["dense/kernel"] - 0.1 * grads["dense/kernel"])
+    with pytest.raises(ValueError, match="step 5"):
+        lslr.update(params, grads, 5)
+
+
+def test_frozen_lslr_has_no_trainable_variables():
+    lslr = PerStepLearningRates(["w"], num_steps=2, trainable=False)
+    assert not lslr.trainable_variables and len(lslr.non_trainable_variables) == 1
