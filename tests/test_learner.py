@@ -1,0 +1,178 @@
+"""MamlPlusPlus behaviour: steps, schedules, clipping, evaluation purity, learning."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import random_batch, tiny_config
+from mamlpp_tf import LearnerConfig, MamlPlusPlus
+from mamlpp_tf import schedules
+
+
+def snapshot(learner):
+    variables = (learner.trainable_variables + learner.running_stat_variables +
+                 list(learner.lslr.variables) + list(learner.optimizer.variables))
+    return {id(v): np.array(v.numpy(), copy=True) for v in variables}
+
+
+def test_train_step_does_not_retrace_across_iterations():
+    learner = MamlPlusPlus(tiny_config(msl_epochs=5))
+    batches = [random_batch(learner.config, seed=s) for s in range(3)]
+    learner.train_step(batches[0], epoch=0)
+    traces = learner.trace_count
+    # New data and new MSL weights (epochs 1, 2) reuse the same trace.
+    for epoch, batch in enumerate(batches):
+        learner.train_step(batch, epoch=epoch)
+    assert learner.trace_count == traces
+    learner.eval_step(batches[0])
+    traces = learner.trace_count
+    learner.eval_step(batches[1])
+    learner.eval_step(batches[2])
+    assert learner.trace_count == traces
+
+
+def test_evaluation_leaves_every_variable_bit_identical():
+    for bn_stats in ("batch", "running"):
+        learner = MamlPlusPlus(tiny_config(bn_stats=bn_stats))
+        learner.train_step(random_batch(learner.config), epoch=0)
+        before = snapshot(learner)
+        batch = random_batch(learner.config, seed=7)
+        learner.eval_step(batch)
+        learner.adapt(batch[0][0], batch[1][0])
+        after = snapshot(learner)
+        for key, value in before.items():
+            np.testing.assert_array_equal(value, after[key])
+
+
+def test_train_step_applies_the_meta_gradient_with_sgd():
+    config = tiny_config()
+    learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(learning_rate=0.5))
+    batch = random_batch(config)
+    with tf.GradientTape() as tape:
+        loss = learner.meta_loss(batch, 0)
+    grads = tape.gradient(loss, learner.trainable_variables)
+    before = [v.numpy() for v in learner.trainable_variables]
+    result = learner.train_step(batch, epoch=0)
+    np.testing.assert_allclose(result["loss"].numpy(), loss.numpy(), rtol=1e-12)
+    for variable, old, grad in zip(learner.trainable_variables, before, grads):
+        np.testing.assert_allclose(variable.numpy(), old - 0.5 * grad.numpy(), atol=1e-12)
+
+
+def test_running_statistics_follow_the_support_then_query_pass():
+    # One step, no MSL: row 0 sees the support pass (θ0) then the query pass (θ1).
+    config = tiny_config(inner_steps=1, eval_inner_steps=1, msl_epochs=0)
+    learner = MamlPlusPlus(config)
+    batch = random_batch(config, tasks=2)
+    backbone = learner.backbone
+
+    def conv0_moments(x, params):
+        y = (tf.nn.conv2d(x, params["conv0/kernel"], 1, "SAME") + params["conv0/bias"]).numpy()
+        return y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2), ddof=1)
+
+    support = [conv0_moments(batch[0][t], backbone.initial_params()) for t in range(2)]
+    query = [conv0_moments(batch[2][t], learner.adapt(batch[0][t], batch[1][t]))
+             for t in range(2)]
+    learner.train_step(batch, epoch=0)
+    mean, var = 0.0, 1.0
+    for moments in (support, query):
+        mean = 0.9 * mean + 0.1 * np.mean([m for m, _ in moments], axis=0)
+        var = 0.9 * var + 0.1 * np.mean([v for _, v in moments], axis=0)
+    np.testing.assert_allclose(backbone.norms[0].running_mean.numpy()[0], mean, atol=1e-12)
+    np.testing.assert_allclose(backbone.norms[0].running_var.numpy()[0], var, atol=1e-12)
+
+
+def test_grad_clip_clips_network_gradients_but_not_rates():
+    config = tiny_config(grad_clip=1e-6)
+    learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    before = [v.numpy() for v in learner.trainable_variables]
+    learner.train_step(random_batch(config), epoch=0)
+    n_network = len(learner.network_variables)
+    deltas = [np.abs(v.numpy() - b).max() for v, b in zip(learner.trainable_variables, before)]
+    assert max(deltas[:n_network]) <= 1e-6 + 1e-15
+    assert max(deltas[n_network:]) > 1e-4
+
+
+def test_adam_uses_the_cosine_schedule_by_iteration():
+    config = tiny_config(meta_lr=1e-3, min_meta_lr=1e-5, epochs=4, iterations_per_epoch=2)
+    learner = MamlPlusPlus(config)
+    assert learner.optimizer.epsilon == 1e-8
+    lrs = []
+    for _ in range(5):
+        lrs.append(float(learner.optimizer.learning_rate))
+        learner.train_step(random_batch(config), epoch=int(learner.iterations.numpy()) // 2)
+    want = [schedules.cosine_meta_lr(i // 2, 1e-3, 1e-5, 4) for i in range(5)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-6)
+
+
+def test_derivative_order_switches_after_first_order_epochs():
+    config = tiny_config(first_order_epochs=1, msl_epochs=0)
+    learner = MamlPlusPlus(config)
+    batch = random_batch(config)
+
+    def grads(epoch):
+        with tf.GradientTape() as tape:
+            loss = learner.meta_loss(batch, epoch)
+        return np.concatenate([g.numpy().ravel() for g in
+                               tape.gradient(loss, learner.trainable_variables)])
+
+    g0, g1, g2 = grads(0), grads(1), grads(2)
+    np.testing.assert_allclose(g0, g1, atol=1e-14)
+    assert np.linalg.norm(g2 - g1) > 1e-3 * np.linalg.norm(g2)
+
+
+def test_adapt_and_predict_match_eval_step():
+    config = tiny_config(bn_stats="running")
+    learner = MamlPlusPlus(config)
+    learner.train_step(random_batch(config), epoch=0)
+    batch = random_batch(config, seed=3)
+    result = learner.eval_step(batch)
+    for t in range(2):
+        params = learner.adapt(batch[0][t], batch[1][t])
+        logits = learner.predict(batch[2][t], params)
+        np.testing.assert_allclose(logits.numpy(), result["logits"][t].numpy(), atol=1e-10)
+
+
+def prototype_tasks(rng, prototypes, n_way, k_shot, n_query, tasks):
+    """Tasks over classes defined by a prototype image plus noise and a random shift."""
+    support_x, query_x = [], []
+    for _ in range(tasks):
+        classes = rng.choice(len(prototypes), n_way, replace=False)
+        for shots, out in ((k_shot, support_x), (n_query, query_x)):
+            images = []
+            for c in classes:
+                for _ in range(shots):
+                    image = np.roll(prototypes[c], rng.randint(-1, 2), axis=0)
+                    images.append(image + 0.3 * rng.randn(*image.shape))
+            out.append(images)
+    labels = lambda shots: np.tile(np.repeat(np.arange(n_way), shots), (tasks, 1))
+    return (np.float32(support_x), labels(k_shot).astype(np.int32), np.float32(query_x),
+            labels(n_query).astype(np.int32))
+
+
+def test_short_meta_training_learns_a_synthetic_task_family():
+    config = LearnerConfig(n_way=5, image_shape=(12, 12, 1), num_filters=16, num_stages=2,
+                           inner_steps=1, eval_inner_steps=1, inner_lr=0.4, msl_epochs=0,
+                           meta_lr=1e-2, min_meta_lr=1e-2, task_impl="loop")
+    learner = MamlPlusPlus(config)
+    rng = np.random.RandomState(0)
+    prototypes = (rng.rand(60, 12, 12, 1) > 0.6).astype(np.float32)
+    val = prototype_tasks(np.random.RandomState(99), prototypes[40:], 5, 1, 3, 8)
+    before = learner.eval_step(val)
+    losses = []
+    for _ in range(300):
+        batch = prototype_tasks(rng, prototypes[:40], 5, 1, 3, 4)
+        losses.append(float(learner.train_step(batch, epoch=0)["loss"]))
+    after = learner.eval_step(val)
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert float(np.mean(after["accuracy"])) > 0.55  # Chance is 0.2.
+    assert float(np.mean(after["loss"])) < float(np.mean(before["loss"]))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="eval_inner_steps"):
+        LearnerConfig(inner_steps=3, eval_inner_steps=4)
+    with pytest.raises(ValueError, match="bn_stats"):
+        LearnerConfig(per_step_bn=False, bn_stats="running")
+    with pytest.raises(ValueError, match="task_impl"):
+        LearnerConfig(task_impl="vectorised")
