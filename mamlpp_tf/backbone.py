@@ -124,6 +124,9 @@ class VGGBackbone(keras.layers.Layer):
                              name=f"norm{i}", dtype=self.dtype_policy)
             for i in range(self.num_stages)
         ]
+        for i, norm in enumerate(self.norms):
+            # Plain attributes are what tf.train.Checkpoint tracks (not list items).
+            setattr(self, f"norm{i}", norm)
         self.weights_by_name: dict[str, keras.Variable] = {}
         self.build((None,) + image_shape)
 
@@ -169,6 +172,9 @@ class VGGBackbone(keras.layers.Layer):
             initializer="glorot_uniform")
         self.weights_by_name["dense/bias"] = self.add_weight(
             name="dense_bias", shape=(self.n_way,), initializer="zeros")
+        for name, variable in self.weights_by_name.items():
+            # Plain attributes are what tf.train.Checkpoint tracks (not dict items).
+            setattr(self, name.replace("/", "_"), variable)
         self.built = True
 
     def initial_params(self) -> dict[str, tf.Tensor]:

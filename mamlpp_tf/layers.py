@@ -241,6 +241,8 @@ class PerStepLearningRates(keras.layers.Layer):
                                                initializer=keras.initializers.Constant(
                                                    self.initial_rate),
                                                trainable=trainable)
+            # Plain attributes are what tf.train.Checkpoint tracks (not dict items).
+            setattr(self, "rate_" + name.replace("/", "_"), self.rates[name])
         self.built = True
 
     def update(self, params: Mapping[str, tf.Tensor], grads: Mapping[str, tf.Tensor],
