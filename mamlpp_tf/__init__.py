@@ -5,6 +5,13 @@ the layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`,
 and the schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
 """
 
+import os
+
+# TensorFlow's C++ INFO lines (oneDNN, CPU features) are noise for our users;
+# an explicit TF_CPP_MIN_LOG_LEVEL in the environment still wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.layers import PerStepBatchNorm, PerStepLearningRates

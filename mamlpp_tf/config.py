@@ -99,3 +99,93 @@ class LearnerConfig:
         for ok, field, message in checks:
             if not ok:
                 raise ValueError(f"{field}={getattr(self, field)!r} {message}.")
+
+
+DATASETS = ("omniglot", "mini_imagenet", "synthetic")
+OMNIGLOT_SPLITS = ("paper", "background_evaluation")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run: data, episodes, learner and protocol.
+
+    Built from flags by `mamlpp_tf.flags`, written to `<model_dir>/config.json`
+    and read back by `evaluate`, `report` and the exporters, so nothing below
+    the command line reads flags.
+
+    Attributes:
+      learner: The learner's hyper-parameters.
+      dataset: One of `DATASETS`.
+      data_dir: Dataset location (TFDS dir for Omniglot, folder for
+        mini-ImageNet); None = TFDS's default.
+      download: Let TFDS download Omniglot.
+      omniglot_split: `"paper"` (official 1150/50/423) or
+        `"background_evaluation"`.
+      k_shot: Support images per class.
+      n_query: Query images per class.
+      meta_batch_size: Tasks per meta-iteration (global, across replicas).
+      val_tasks: Fixed validation tasks per evaluation.
+      test_tasks: Fixed test tasks.
+      ensemble_top_k: Validation-best epochs kept and ensembled at test time.
+      seed: Train seed: weight initialisation and the training task stream.
+      val_seed: Seed of the fixed validation and test tasks (0 officially).
+      model_dir: Run directory.
+      strategy: One of `STRATEGIES`.
+      cpu_replicas: Split the CPU into this many logical devices (testing the
+        distributed path without GPUs); 0 = off.
+      checkpoint_every: Iterations between mid-epoch checkpoints.
+    """
+    learner: LearnerConfig
+    dataset: str = "omniglot"
+    data_dir: str | None = None
+    download: bool = True
+    omniglot_split: str = "paper"
+    k_shot: int = 1
+    n_query: int = 1
+    meta_batch_size: int = 8
+    val_tasks: int = 600
+    test_tasks: int = 600
+    ensemble_top_k: int = 5
+    seed: int = 0
+    val_seed: int = 0
+    model_dir: str = "runs/omniglot"
+    strategy: str = "default"
+    cpu_replicas: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        checks = [
+            (self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}"),
+            (self.omniglot_split in OMNIGLOT_SPLITS, "omniglot_split",
+             f"must be one of {OMNIGLOT_SPLITS}"),
+            (self.k_shot >= 1, "k_shot", "must be >= 1"),
+            (self.n_query >= 1, "n_query", "must be >= 1"),
+            (self.dataset != "omniglot" or self.k_shot + self.n_query <= 20, "k_shot",
+             f"+ n_query = {self.k_shot + self.n_query} exceeds Omniglot's 20 images per "
+             "class"),
+            (self.meta_batch_size >= 1, "meta_batch_size", "must be >= 1"),
+            (self.val_tasks >= 1, "val_tasks", "must be >= 1"),
+            (self.test_tasks >= 1, "test_tasks", "must be >= 1"),
+            (self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1"),
+            (self.seed >= 0, "seed", "must be >= 0"),
+            (self.val_seed >= 0, "val_seed", "must be >= 0"),
+            (bool(self.model_dir), "model_dir", "must be set"),
+            (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
+            (self.cpu_replicas >= 0, "cpu_replicas", "must be >= 0"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
+        ]
+        for ok, field, message in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r} {message}.")
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (the learner's fields nested under `learner`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """Inverse of `to_dict`; unknown keys raise `TypeError` naming them."""
+        values = dict(values)
+        learner = LearnerConfig(**values.pop("learner"))
+        return cls(learner=learner, **values)

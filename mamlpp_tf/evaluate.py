@@ -1,0 +1,48 @@
+"""Re-runs the test protocol on a finished or interrupted run.
+
+    python -m mamlpp_tf.evaluate --model_dir=runs/omniglot [--data_dir=...] [--ensemble_top_k=5]
+
+Uses the run's own config (classes, tasks, network) and the epoch checkpoints
+it kept: the best single validation epoch and the top-k logit ensemble, each
+with mean accuracy and 95% CI over the fixed test tasks. Prints a table and
+writes `<model_dir>/evaluation.json`; `results.json` is left as training wrote it.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+
+from mamlpp_tf import data
+from mamlpp_tf import cli
+from mamlpp_tf import evaluation
+
+flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
+flags.DEFINE_string("data_dir", None, "Override the run's --data_dir (e.g. on another "
+                    "machine).")
+flags.DEFINE_integer("ensemble_top_k",
+                     None, "Override the run's ensemble size (at most the "
+                     "number of epoch checkpoints it kept).",
+                     lower_bound=1)
+flags.DEFINE_integer("test_tasks",
+                     None,
+                     "Override the number of fixed test tasks.",
+                     lower_bound=1)
+flags.mark_flag_as_required("model_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_tensorflow_logs()
+    try:
+        results = evaluation.evaluate_run(FLAGS.model_dir, FLAGS.data_dir,
+                                          FLAGS.ensemble_top_k, FLAGS.test_tasks)
+    except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as error:
+        cli.exit_on_user_error(error)
+    print(evaluation.format_results(results))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

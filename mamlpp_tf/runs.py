@@ -1,0 +1,191 @@
+"""A run directory as a first-class object: config, checkpoints, history, results.
+
+Layout of `--model_dir`:
+
+    config.json              the resolved RunConfig (written once, checked on resume)
+    checkpoints/latest/      tf.train.CheckpointManager: model, LSLR, optimizer
+                             (its iteration counter is the task-stream position)
+    checkpoints/epoch_NNN/   model + LSLR after epoch NNN, kept for the top-k
+                             validation epochs
+    history.json             validation results per finished epoch
+    results.json             final test results (present = run finished)
+    tensorboard/{train,val}  summaries
+
+Every JSON file and epoch checkpoint is written to a temporary path and renamed,
+so a kill at any instant leaves either the old or the new version.
+`evaluate`, `report` and the exporters rebuild everything from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import tensorflow as tf
+
+from mamlpp_tf.config import RunConfig
+from mamlpp_tf.learner import MamlPlusPlus
+
+# Fields that may differ between the run that created a model_dir and a resumed
+# one: where the data lives and how often to checkpoint do not change results.
+_RESUMABLE_FIELDS = ("data_dir", "download", "checkpoint_every", "model_dir")
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """Writes `value` as JSON to `path` via a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(value, stream, indent=2, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_json(path: str) -> Any:
+    with open(path) as stream:
+        return json.load(stream)
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """Flags whose values differ between two configs, ignoring resumable ones."""
+    old_flat, new_flat = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [f"--{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
+            for key in sorted(set(old_flat) | set(new_flat))
+            if key not in _RESUMABLE_FIELDS and old_flat.get(key) != new_flat.get(key)]
+
+
+def _flatten(values: dict) -> dict:
+    flat = dict(values)
+    flat.update(flat.pop("learner"))
+    flat["image_shape"] = list(flat["image_shape"])
+    return flat
+
+
+class RunDir:
+    """Reads and writes everything of one run under `model_dir`.
+
+    Args:
+      model_dir: The run directory (created on first write).
+    """
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self.config_path = os.path.join(model_dir, "config.json")
+        self.history_path = os.path.join(model_dir, "history.json")
+        self.results_path = os.path.join(model_dir, "results.json")
+        self.checkpoint_dir = os.path.join(model_dir, "checkpoints")
+        self.latest_dir = os.path.join(self.checkpoint_dir, "latest")
+        self.tensorboard_dir = os.path.join(model_dir, "tensorboard")
+
+    # ----------------------------------------------------------------- config
+
+    def read_config(self) -> RunConfig:
+        """The config the run was created with.
+
+        Raises:
+          FileNotFoundError: if `model_dir` holds no run.
+        """
+        if not os.path.exists(self.config_path):
+            raise FileNotFoundError(f"--model_dir={self.model_dir} holds no run "
+                                    f"(no {os.path.basename(self.config_path)})")
+        return RunConfig.from_dict(read_json(self.config_path))
+
+    def write_or_check_config(self, config: RunConfig) -> None:
+        """Records `config` for a new run, or checks a resumed run was made with it.
+
+        Raises:
+          ValueError: listing the flags that differ from the existing run.
+        """
+        if os.path.exists(self.config_path):
+            differences = config_differences(self.read_config(), config)
+            if differences:
+                raise ValueError(
+                    f"--model_dir={self.model_dir} was created with other flags "
+                    f"({'; '.join(differences)}); use a new --model_dir or the original "
+                    "flags")
+            return
+        write_json_atomic(self.config_path, config.to_dict())
+
+    # ---------------------------------------------------------------- history
+
+    def read_history(self) -> list[dict]:
+        """Validation results of finished epochs, in epoch order."""
+        if not os.path.exists(self.history_path):
+            return []
+        return read_json(self.history_path)
+
+    def write_history(self, history: list[dict]) -> None:
+        write_json_atomic(self.history_path, history)
+
+    def read_results(self) -> dict | None:
+        """Final results, or None while the run has not finished."""
+        if not os.path.exists(self.results_path):
+            return None
+        return read_json(self.results_path)
+
+    def write_results(self, results: dict) -> None:
+        write_json_atomic(self.results_path, results)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def latest_manager(self, learner: MamlPlusPlus) -> tf.train.CheckpointManager:
+        """Manager of the full training state (two kept, so one can fall back)."""
+        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+        return tf.train.CheckpointManager(checkpoint, self.latest_dir, max_to_keep=2)
+
+    def epoch_path(self, epoch: int) -> str:
+        return os.path.join(self.checkpoint_dir, f"epoch_{epoch:03d}")
+
+    def save_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
+        """Saves the model (network, per-step BN, LSLR) after `epoch`, atomically."""
+        final = self.epoch_path(epoch)
+        temporary = final + ".tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
+        checkpoint.write(os.path.join(temporary, "model"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+
+    def restore_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
+        """Loads the model saved after `epoch` into `learner`.
+
+        Raises:
+          FileNotFoundError: if that epoch's checkpoint was not kept.
+        """
+        path = self.epoch_path(epoch)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no checkpoint of epoch {epoch} in {self.checkpoint_dir}")
+        checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
+        checkpoint.read(os.path.join(path, "model")).assert_existing_objects_matched()
+
+    def kept_epochs(self) -> list[int]:
+        """Epochs whose model checkpoints exist."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return []
+        return sorted(int(name[len("epoch_"):]) for name in os.listdir(self.checkpoint_dir)
+                      if name.startswith("epoch_") and not name.endswith(".tmp"))
+
+    def prune_epochs(self, keep: list[int]) -> None:
+        """Deletes epoch checkpoints not in `keep` (and any half-written ones)."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return
+        for name in os.listdir(self.checkpoint_dir):
+            if name.startswith("epoch_") and (name.endswith(".tmp") or
+                                              int(name[len("epoch_"):]) not in keep):
+                shutil.rmtree(os.path.join(self.checkpoint_dir, name), ignore_errors=True)
+
+
+def top_epochs(history: list[dict], k: int) -> list[int]:
+    """The `k` epochs with the best validation accuracy (ties: the earlier epoch)."""
+    ranked = sorted(history, key=lambda entry: (-entry["accuracy"], entry["epoch"]))
+    return [entry["epoch"] for entry in ranked[:k]]

@@ -1,0 +1,242 @@
+"""The main job: meta-train, validate every epoch, keep the top-k, test the ensemble.
+
+    python -m mamlpp_tf.train --flagfile=flags/omniglot.cfg --model_dir=runs/omniglot
+
+Re-running the same command resumes from the last checkpoint (a kill at any
+moment loses at most `--checkpoint_every` iterations); a finished run prints its
+results instead of training again. SIGTERM/SIGINT save a checkpoint and exit
+with status 128 + signal number.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Callable
+
+from absl import app
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mamlpp_tf import cli
+from mamlpp_tf import data
+from mamlpp_tf import distribute
+from mamlpp_tf import evaluation
+from mamlpp_tf import experiment
+from mamlpp_tf import flags as run_flags
+from mamlpp_tf import runs
+from mamlpp_tf import schedules
+from mamlpp_tf.config import RunConfig
+from mamlpp_tf.learner import MamlPlusPlus
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, iteration: int):
+        super().__init__(f"stopped by signal {signum} at iteration {iteration}; checkpoint "
+                         "saved, re-run the same command to resume")
+        self.signum = signum
+
+
+class _SignalFlag:
+    """Records SIGTERM/SIGINT so the loop can checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.signum is not None:  # A second signal: stop now.
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(config: RunConfig, log_every: int = 10,
+          on_iteration: Callable[[int], None] | None = None) -> dict:
+    """Trains (or resumes) the run of `config` and returns its results.
+
+    Args:
+      config: The run.
+      log_every: Iterations between TensorBoard training summaries.
+      on_iteration: Called with the iteration count after every meta-step
+        (tests use it to inject faults).
+
+    Returns:
+      The content of `results.json`.
+
+    Raises:
+      ValueError: incompatible `model_dir`, or episodes that do not fit the data.
+      data.DatasetNotFoundError: the dataset is missing.
+      Interrupted: a signal stopped training (after checkpointing).
+    """
+    start_time = time.time()
+    run = runs.RunDir(config.model_dir)
+    strategy = distribute.resolve(config.strategy, config.meta_batch_size, config.cpu_replicas)
+    chief = distribute.is_chief(strategy)
+    if chief:
+        run.write_or_check_config(config)
+    finished = run.read_results()
+    if finished is not None:
+        logging.info("Run in %s already finished; not training again.", config.model_dir)
+        return finished
+    sets = experiment.load_class_sets(config)
+    learner = experiment.build_learner(config, strategy)
+    manager = run.latest_manager(learner)
+    if manager.latest_checkpoint:
+        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s.", manager.latest_checkpoint)
+    iteration = int(learner.iterations.numpy())
+    per_epoch = config.learner.iterations_per_epoch
+    total = config.learner.epochs * per_epoch
+    # Epoch-end checkpoints are written after validation, so every epoch before
+    # the restored one has a history entry; later entries are from a crash and
+    # are recomputed (identically: training is deterministic given the seed).
+    history = [h for h in run.read_history() if h["epoch"] < iteration // per_epoch]
+    replicas = strategy.num_replicas_in_sync
+    val_tasks = experiment.eval_tasks(config, sets["val"], "val", config.val_tasks, replicas)
+    writers = {name: tf.summary.create_file_writer(os.path.join(run.tensorboard_dir, name))
+               for name in ("train", "val")} if chief else {}
+    if iteration < total:
+        tasks = experiment.train_tasks(config, sets["train"], iteration)
+        if replicas > 1:
+            tasks = strategy.experimental_distribute_dataset(tasks)
+        # A live bar on a terminal; one line per epoch in log files.
+        progress = keras.utils.Progbar(total, unit_name="meta-iteration",
+                                       verbose=1 if sys.stdout.isatty() else 2,
+                                       stateful_metrics=["loss", "accuracy", "epoch"])
+        with _SignalFlag() as signals:
+            for batch in tasks:
+                epoch = iteration // per_epoch
+                metrics = learner.train_step(batch, epoch)
+                iteration += 1
+                if on_iteration is not None:
+                    on_iteration(iteration)
+                values = {k: float(v) for k, v in metrics.items()}
+                progress.update(iteration, [("loss", values["loss"]),
+                                            ("accuracy", values["accuracy"]),
+                                            ("epoch", epoch)])
+                if chief and (iteration % log_every == 0 or iteration % per_epoch == 0):
+                    _train_summaries(writers["train"], learner, values, iteration)
+                if iteration % per_epoch == 0:
+                    history.append(_end_epoch(config, run, learner, manager, val_tasks,
+                                              strategy, history, epoch, chief, writers))
+                elif iteration % config.checkpoint_every == 0 or signals.signum:
+                    _save(manager, iteration, chief)
+                if signals.signum:
+                    raise Interrupted(signals.signum, iteration)
+                if iteration >= total:
+                    break
+    if not history:
+        raise ValueError(f"--model_dir={config.model_dir}: no validated epoch to test")
+    results = evaluation.run_test(config, run, learner, sets["test"], history, strategy)
+    results.update(validation=history, config=config.to_dict(), seeds=_seeds(config),
+                   versions=_versions(), iterations=total,
+                   wall_time_s=round(time.time() - start_time, 1))
+    if chief:
+        run.write_results(results)
+    return results
+
+
+def _save(manager: tf.train.CheckpointManager, iteration: int, chief: bool) -> None:
+    if chief:
+        manager.save(checkpoint_number=iteration)
+
+
+def _end_epoch(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
+               manager: tf.train.CheckpointManager, val_tasks: tf.data.Dataset,
+               strategy: tf.distribute.Strategy, history: list[dict], epoch: int,
+               chief: bool, writers: dict) -> dict:
+    """Validates, then saves model, history and training state in a crash-safe order."""
+    result = evaluation.evaluate(learner, val_tasks, strategy)
+    entry = dict(epoch=epoch, loss=float(result.losses.mean()),
+                 **evaluation.summarize(result.accuracies))
+    logging.info("epoch %d: val accuracy %.4f ± %.4f, loss %.4f", epoch, entry["accuracy"],
+                 entry["ci95"], entry["loss"])
+    if chief:
+        # Order matters for crash safety: model of this epoch, then the history
+        # that ranks it, then the training state that marks the epoch done.
+        run.save_epoch(learner, epoch)
+        run.write_history(history + [entry])
+        manager.save(checkpoint_number=int(learner.iterations.numpy()))
+        run.prune_epochs(runs.top_epochs(history + [entry], config.ensemble_top_k))
+        _epoch_summaries(writers, learner, config, entry, int(learner.iterations.numpy()))
+    return entry
+
+
+def _train_summaries(writer, learner: MamlPlusPlus, values: dict, iteration: int) -> None:
+    with writer.as_default(step=iteration):
+        tf.summary.scalar("loss", values["loss"])
+        tf.summary.scalar("accuracy", values["accuracy"])
+        tf.summary.scalar("meta_lr", float(learner.optimizer.learning_rate))
+
+
+def _epoch_summaries(writers: dict, learner: MamlPlusPlus, config: RunConfig, entry: dict,
+                     iteration: int) -> None:
+    """Validation metrics, MSL weights, every LSLR value and per-step BN summaries."""
+    with writers["val"].as_default(step=iteration):
+        for key in ("loss", "accuracy", "ci95"):
+            tf.summary.scalar(key, entry[key])
+    epoch = entry["epoch"]
+    weights = schedules.msl_weights(epoch, config.learner.inner_steps,
+                                    config.learner.msl_epochs)
+    with writers["train"].as_default(step=iteration):
+        for step, weight in enumerate(weights):
+            tf.summary.scalar(f"msl_weight/step_{step}", float(weight))
+        for name, rates in learner.lslr.rates.items():
+            for step, rate in enumerate(rates.numpy()):
+                tf.summary.scalar(f"lslr/{name.replace('/', '_')}/step_{step}", float(rate))
+        for norm in learner.backbone.norms:
+            for label, variable in (("gamma", norm.gamma), ("beta", norm.beta)):
+                values = np.atleast_2d(variable.numpy())
+                for step, row in enumerate(values):
+                    tf.summary.histogram(f"bn/{norm.name}/{label}/step_{step}", row)
+                    tf.summary.scalar(f"bn/{norm.name}/{label}_mean/step_{step}",
+                                      float(row.mean()))
+
+
+def _seeds(config: RunConfig) -> dict:
+    return dict(seed=config.seed, val_seed=config.val_seed,
+                derived_train_seed=data.derive_seed(config.seed),
+                derived_val_seed=data.derive_seed(config.val_seed))
+
+
+def _versions() -> dict:
+    from mamlpp_tf import __version__  # pylint: disable=g-import-not-at-top
+    return dict(mamlpp_tf=__version__, tensorflow=tf.__version__, keras=keras.__version__,
+                numpy=np.__version__, python=platform.python_version())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_tensorflow_logs()
+    try:
+        config = run_flags.run_config_from_flags()
+        tf.config.experimental.enable_op_determinism()
+        results = train(config, log_every=run_flags.FLAGS.log_every)
+    except Interrupted as stop:
+        logging.warning("%s", stop)
+        sys.exit(128 + stop.signum)
+    except (ValueError, data.DatasetNotFoundError) as error:
+        cli.exit_on_user_error(error)
+    print(evaluation.format_results(results))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

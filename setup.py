@@ -1,0 +1,46 @@
+"""Packaging for mamlpp_tf: MAML++ in Keras 3 / TensorFlow 2."""
+
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+
+# TensorFlow comes through an extra so that CPU-only machines get the small
+# `tensorflow-cpu` wheel: both wheels provide the `tensorflow` module and must
+# not be installed side by side.
+EXTRAS = {
+    "cpu": ["tensorflow-cpu>=2.16"],
+    "gpu": ["tensorflow[and-cuda]>=2.16"],
+    "tf": ["tensorflow>=2.16"],
+    "plots": ["matplotlib>=3.7"],
+    "test": ["pytest>=7", "hypothesis>=6", "pillow>=9", "psutil>=5", "matplotlib>=3.7"],
+}
+
+setuptools.setup(
+    name="mamlpp_tf",
+    version="0.1.0",
+    description='MAML++ ("How to train your MAML", ICLR 2019) in Keras 3 / TensorFlow 2',
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["mamlpp_tf", "mamlpp_tf.*", "export",
+                                               "export.*"]),
+    install_requires=[
+        "keras>=3",
+        "tensorflow-datasets>=4.9",
+        # tensorflow-datasets 4.9.x imports it without declaring it.
+        "importlib_resources",
+        "absl-py>=1.0",
+        # tf.summary needs it; recent TensorFlow wheels no longer depend on it.
+        "tensorboard>=2.16",
+        "numpy>=1.23",
+        "pillow>=9",
+    ],
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

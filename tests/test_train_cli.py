@@ -1,0 +1,205 @@
+"""The main job end to end on the synthetic set: run, resume after SIGKILL, errors, flags."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mamlpp_tf import evaluation
+from mamlpp_tf import flags as run_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--dataset=synthetic", "--n_way=3", "--k_shot=1", "--n_query=2", "--meta_batch_size=2",
+    "--num_filters=4", "--num_stages=2", "--inner_steps=2", "--eval_inner_steps=2",
+    "--msl_epochs=1", "--epochs=2", "--iterations_per_epoch=8", "--val_tasks=4",
+    "--test_tasks=6", "--ensemble_top_k=2", "--checkpoint_every=3", "--task_impl=loop",
+    "--meta_lr=0.003", "--min_meta_lr=0.001", "--log_every=2",
+]
+
+
+def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True):
+    command = [sys.executable, "-m", module, f"--model_dir={model_dir}"]
+    command += ([] if module != "mamlpp_tf.train" else TINY) + list(extra)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+def comparable(results):
+    """results.json without what legitimately differs between runs (wall time)."""
+    return {k: v for k, v in results.items() if k != "wall_time_s"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    code, stdout, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    return model_dir, stdout
+
+
+def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
+    model_dir, stdout = finished_run
+    assert "top-2 ensemble" in stdout and "best single model" in stdout
+    results = json.load(open(os.path.join(model_dir, "results.json")))
+    test = results["test"]
+    assert test["tasks"] == 6 and 0 <= test["accuracy"] <= 1
+    assert len(results["validation"]) == 2 and results["iterations"] == 16
+    assert results["config"]["learner"]["n_way"] == 3
+    assert {"seed", "derived_train_seed"} <= set(results["seeds"])
+    assert {"tensorflow", "keras", "mamlpp_tf"} <= set(results["versions"])
+    # The CI is 1.96 std / sqrt(tasks) of the per-task accuracies.
+    assert test["ci95"] >= 0
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
+        "epoch_000", "epoch_001", "latest"]
+    tags = set()
+    for path in glob.glob(os.path.join(model_dir, "tensorboard", "*", "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    for tag in ("loss", "accuracy", "meta_lr", "msl_weight/step_0", "lslr/conv0_kernel/step_1",
+                "lslr/dense_bias/step_0", "bn/norm1/gamma/step_1", "ci95"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_evaluate_reproduces_the_final_test(finished_run):
+    model_dir, _ = finished_run
+    results = json.load(open(os.path.join(model_dir, "results.json")))
+    again = evaluation.evaluate_run(model_dir)
+    for key in ("accuracy", "ci95", "ensemble_accuracy", "ensemble_ci95", "ensemble_epochs"):
+        assert again["test"][key] == pytest.approx(results["test"][key], abs=1e-9), key
+
+
+def test_finished_run_prints_results_instead_of_training(finished_run):
+    model_dir, _ = finished_run
+    before = os.path.getmtime(os.path.join(model_dir, "results.json"))
+    code, stdout, stderr = run_job(model_dir)
+    assert code == 0, stderr[-2000:]
+    assert "top-2 ensemble" in stdout
+    assert os.path.getmtime(os.path.join(model_dir, "results.json")) == before
+
+
+def test_other_flags_on_an_existing_run_are_refused(finished_run):
+    model_dir, _ = finished_run
+    code, _, stderr = run_job(model_dir, "--n_way=4")
+    assert code == 2
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--n_way: 3 -> 4" in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_results(finished_run, tmp_path):
+    model_dir = str(tmp_path / "killed")
+    process = run_job(model_dir, wait=False)
+    marker = os.path.join(model_dir, "checkpoints", "latest", "checkpoint")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+    code, _, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    resumed = json.load(open(os.path.join(model_dir, "results.json")))
+    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
+    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    model_dir = str(tmp_path / "term")
+    process = run_job(model_dir, "--checkpoint_every=1000", wait=False)
+    marker = os.path.join(model_dir, "tensorboard", "train")
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (
+            os.path.isdir(marker) and any(os.path.getsize(p) > 200 for p in
+                                          glob.glob(os.path.join(marker, "events.*")))):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "re-run the same command to resume" in stderr and "Traceback" not in stderr
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints", "latest"))
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--eval_inner_steps=3"], "eval_inner_steps"),
+    (["--n_way=25"], "n_way=25"),
+    (["--dataset=omniglot", "--k_shot=15", "--n_query=6"], "k_shot"),
+    (["--bn_stats=running", "--noper_step_bn"], "per_step_bn"),
+    (["--meta_batch_size=0"], "meta_batch_size"),
+    (["--strategy=mirrored", "--cpu_replicas=3"], "meta_batch_size=2"),
+])
+def test_bad_flags_give_one_named_line(tmp_path, extra, named):
+    code, _, stderr = run_job(str(tmp_path / "bad"), *extra)
+    assert code == 2, stderr[-2000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and named in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_helpfull_lists_every_flag_with_help():
+    result = subprocess.run([sys.executable, "-m", "mamlpp_tf.train", "--helpfull"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    text = result.stdout + result.stderr
+    for name in ("dataset", "data_dir", "download", "omniglot_split", "n_way", "k_shot",
+                 "n_query", "meta_batch_size", "inner_steps", "eval_inner_steps", "inner_lr",
+                 "learn_inner_lr", "per_step_bn", "bn_stats", "msl_epochs", "second_order",
+                 "first_order_epochs", "meta_lr", "min_meta_lr", "grad_clip", "num_filters",
+                 "num_stages", "max_pooling", "epochs", "iterations_per_epoch", "val_tasks",
+                 "test_tasks", "ensemble_top_k", "seed", "model_dir", "strategy",
+                 "jit_compile"):
+        assert f"--{name}" in text or f"--[no]{name}" in text, name
+        assert flags.FLAGS[name].help, name
+
+
+@pytest.mark.parametrize("flagfile", sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))),
+                         ids=os.path.basename)
+def test_every_flagfile_resolves_to_a_valid_config(flagfile):
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", f"--flagfile={flagfile}", "--n_query=1"])
+        config = run_flags.run_config_from_flags()
+    assert open(flagfile).readline().startswith("# ")
+    assert config.model_dir.startswith("runs/")
+    assert config.learner.msl_epochs == 0 if "maml_" in flagfile else config.learner.msl_epochs > 0
+
+
+def test_command_line_overrides_the_flagfile():
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", "--flagfile=" + os.path.join(ROOT, "flags", "omniglot.cfg"),
+                     "--n_way=5", "--model_dir=/tmp/elsewhere"])
+        config = run_flags.run_config_from_flags()
+    assert config.learner.n_way == 5 and config.model_dir == "/tmp/elsewhere"
+    assert config.meta_batch_size == 16
+
+
+def test_summarize_and_ensemble_against_hand_computation():
+    accuracies = np.array([1.0, 0.5, 0.75, 0.25])
+    summary = evaluation.summarize(accuracies)
+    assert summary["accuracy"] == pytest.approx(0.625)
+    assert summary["ci95"] == pytest.approx(1.96 * np.std(accuracies) / 2)
+    labels = np.array([[0, 1], [1, 0]])
+    member = lambda logits: evaluation.TaskResults(np.zeros(2), np.zeros(2), np.array(logits),
+                                                   labels)
+    # Logit averaging, not voting: the confident second model wins task 0's first sample.
+    a = member([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    b = member([[[-5.0, 5.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    task_accuracy, correct = evaluation.ensemble([a, b])
+    np.testing.assert_array_equal(correct, [[0, 1], [1, 1]])
+    np.testing.assert_array_equal(task_accuracy, [0.5, 1.0])
