@@ -13,11 +13,11 @@ import tensorflow as tf
 
 
 def quiet_tensorflow_logs() -> None:
-    """Drops TensorFlow's Python INFO/WARNING chatter from the absl log, keeps ours."""
+    """Drops TensorFlow's (and TFDS's) INFO/WARNING chatter from the absl log, keeps ours."""
     tf.get_logger().setLevel("ERROR")
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= std_logging.ERROR or
-        f"{os.sep}tensorflow{os.sep}" not in record.pathname)
+        f"{os.sep}tensorflow" not in record.pathname)
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
