@@ -96,6 +96,9 @@ flags.DEFINE_string("model_dir", None,
                     "results.json. Re-running the same command resumes.")
 flags.DEFINE_integer("checkpoint_every", 100, "Iterations between mid-epoch checkpoints.",
                      lower_bound=1)
+flags.DEFINE_boolean("override_config", False,
+                     "Resume a --model_dir created with other flags anyway, recording the "
+                     "new ones (by default such a resume is refused with the differences).")
 flags.DEFINE_integer("log_every", 10,
                      "Iterations between TensorBoard training summaries.", lower_bound=1)
 flags.DEFINE_enum("strategy", "default", STRATEGIES,

@@ -18,12 +18,14 @@ so a kill at any instant leaves either the old or the new version.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from typing import Any
 
+from absl import logging
 import tensorflow as tf
 
 from mamlpp_tf.config import RunConfig
@@ -100,19 +102,27 @@ class RunDir:
                                     f"(no {os.path.basename(self.config_path)})")
         return RunConfig.from_dict(read_json(self.config_path))
 
-    def write_or_check_config(self, config: RunConfig) -> None:
+    def write_or_check_config(self, config: RunConfig, override: bool = False) -> None:
         """Records `config` for a new run, or checks a resumed run was made with it.
+
+        Args:
+          config: The config of this invocation.
+          override: Accept (and record) a config that differs from the run's.
 
         Raises:
           ValueError: listing the flags that differ from the existing run.
         """
         if os.path.exists(self.config_path):
             differences = config_differences(self.read_config(), config)
-            if differences:
+            if differences and override:
+                logging.warning("--override_config: %s now runs with %s", self.model_dir,
+                                "; ".join(differences))
+                write_json_atomic(self.config_path, config.to_dict())
+            elif differences:
                 raise ValueError(
                     f"--model_dir={self.model_dir} was created with other flags "
-                    f"({'; '.join(differences)}); use a new --model_dir or the original "
-                    "flags")
+                    f"({'; '.join(differences)}); use a new --model_dir, the original "
+                    "flags, or --override_config")
             return
         write_json_atomic(self.config_path, config.to_dict())
 
@@ -183,6 +193,51 @@ class RunDir:
             if name.startswith("epoch_") and (name.endswith(".tmp") or
                                               int(name[len("epoch_"):]) not in keep):
                 shutil.rmtree(os.path.join(self.checkpoint_dir, name), ignore_errors=True)
+
+
+class RunLockedError(ValueError):
+    """Another live process owns the run directory."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on `<model_dir>/lock`.
+
+    The lock file holds the owner's pid for the error message. The kernel
+    releases the lock when its owner dies, even by SIGKILL, so a stale lock file
+    from a dead process is simply taken over.
+
+    Args:
+      model_dir: The run directory (created if needed).
+    """
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(model_dir, "lock")
+        self._stream = None
+
+    def __enter__(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        stream = open(self.path, "a+")  # pylint: disable=consider-using-with
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.seek(0)
+            owner = stream.read().strip() or "unknown"
+            stream.close()
+            raise RunLockedError(f"--model_dir={os.path.dirname(self.path)} is in use by "
+                                 f"process {owner} (lock {self.path}); wait for it or stop "
+                                 "it") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(str(os.getpid()))
+        stream.flush()
+        self._stream = stream
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stream is not None:
+            fcntl.flock(self._stream.fileno(), fcntl.LOCK_UN)
+            self._stream.close()
+            self._stream = None
 
 
 def top_epochs(history: list[dict], k: int) -> list[int]:

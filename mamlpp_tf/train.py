@@ -10,6 +10,7 @@ with status 128 + signal number.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -68,7 +69,8 @@ class _SignalFlag:
 
 
 def train(config: RunConfig, log_every: int = 10,
-          on_iteration: Callable[[int], None] | None = None) -> dict:
+          on_iteration: Callable[[int], None] | None = None,
+          override_config: bool = False) -> dict:
     """Trains (or resumes) the run of `config` and returns its results.
 
     Args:
@@ -76,21 +78,34 @@ def train(config: RunConfig, log_every: int = 10,
       log_every: Iterations between TensorBoard training summaries.
       on_iteration: Called with the iteration count after every meta-step
         (tests use it to inject faults).
+      override_config: Resume a `model_dir` made with other flags anyway
+        (recording the new ones) instead of refusing.
 
     Returns:
       The content of `results.json`.
 
     Raises:
-      ValueError: incompatible `model_dir`, or episodes that do not fit the data.
+      ValueError: incompatible `model_dir`, episodes that do not fit the data, or
+        a `model_dir` in use by another process (`runs.RunLockedError`).
       data.DatasetNotFoundError: the dataset is missing.
       Interrupted: a signal stopped training (after checkpointing).
     """
     start_time = time.time()
-    run = runs.RunDir(config.model_dir)
     strategy = distribute.resolve(config.strategy, config.meta_batch_size, config.cpu_replicas)
     chief = distribute.is_chief(strategy)
+    with runs.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+        return _train_locked(config, strategy, chief, start_time, log_every, on_iteration,
+                             override_config)
+
+
+def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bool,
+                  start_time: float, log_every: int,
+                  on_iteration: Callable[[int], None] | None,
+                  override_config: bool) -> dict:
+    """`train` once this process owns the run directory."""
+    run = runs.RunDir(config.model_dir)
     if chief:
-        run.write_or_check_config(config)
+        run.write_or_check_config(config, override=override_config)
     finished = run.read_results()
     if finished is not None:
         logging.info("Run in %s already finished; not training again.", config.model_dir)
@@ -98,9 +113,7 @@ def train(config: RunConfig, log_every: int = 10,
     sets = experiment.load_class_sets(config)
     learner = experiment.build_learner(config, strategy)
     manager = run.latest_manager(learner)
-    if manager.latest_checkpoint:
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s.", manager.latest_checkpoint)
+    _restore_latest(manager)
     iteration = int(learner.iterations.numpy())
     per_epoch = config.learner.iterations_per_epoch
     total = config.learner.epochs * per_epoch
@@ -151,6 +164,31 @@ def train(config: RunConfig, log_every: int = 10,
     if chief:
         run.write_results(results)
     return results
+
+
+def _restore_latest(manager: tf.train.CheckpointManager) -> None:
+    """Restores the newest readable checkpoint, falling back past damaged ones.
+
+    Raises:
+      ValueError: if checkpoints exist but none can be read.
+    """
+    candidates = list(reversed(manager.checkpoints))
+    for index, path in enumerate(candidates):
+        try:
+            manager.checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as error:
+            logging.warning("Checkpoint %s is unreadable (%s).", path,
+                            str(error).splitlines()[0])
+            continue
+        if index:
+            logging.warning("Latest checkpoint %s is damaged; resumed from the previous "
+                            "good one, %s.", candidates[0], path)
+        else:
+            logging.info("Resumed from %s.", path)
+        return
+    if candidates:
+        raise ValueError(f"every checkpoint in {manager.directory} is damaged "
+                         f"({', '.join(candidates)}); move them away to start afresh")
 
 
 def _save(manager: tf.train.CheckpointManager, iteration: int, chief: bool) -> None:
@@ -229,7 +267,8 @@ def main(argv: list[str]) -> None:
     try:
         config = run_flags.run_config_from_flags()
         tf.config.experimental.enable_op_determinism()
-        results = train(config, log_every=run_flags.FLAGS.log_every)
+        results = train(config, log_every=run_flags.FLAGS.log_every,
+                        override_config=run_flags.FLAGS.override_config)
     except Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)

@@ -1,6 +1,8 @@
 """Shared fixtures: quiet TF logs, deterministic seeds, tiny learners and batches."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,3 +38,41 @@ def random_batch(config: LearnerConfig, tasks: int = 2, k_shot: int = 2, n_query
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A two-epoch synthetic run that trains, validates, checkpoints and tests in seconds.
+TINY = [
+    "--dataset=synthetic", "--n_way=3", "--k_shot=1", "--n_query=2", "--meta_batch_size=2",
+    "--num_filters=4", "--num_stages=2", "--inner_steps=2", "--eval_inner_steps=2",
+    "--msl_epochs=1", "--epochs=2", "--iterations_per_epoch=8", "--val_tasks=4",
+    "--test_tasks=6", "--ensemble_top_k=2", "--checkpoint_every=3", "--task_impl=loop",
+    "--meta_lr=0.003", "--min_meta_lr=0.001", "--log_every=2",
+]
+
+
+def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True):
+    """Runs an entry point on the TINY synthetic config; returns (code, stdout, stderr)."""
+    command = [sys.executable, "-m", module, f"--model_dir={model_dir}"]
+    command += ([] if module != "mamlpp_tf.train" else TINY) + list(extra)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+def comparable(results):
+    """results.json without what legitimately differs between runs (wall time)."""
+    return {k: v for k, v in results.items() if k != "wall_time_s"}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One uninterrupted TINY run, the reference for resume and fault tests."""
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    code, stdout, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    return model_dir, stdout

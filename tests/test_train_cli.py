@@ -14,43 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import ROOT, comparable, run_job
 from mamlpp_tf import evaluation
 from mamlpp_tf import flags as run_flags
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--dataset=synthetic", "--n_way=3", "--k_shot=1", "--n_query=2", "--meta_batch_size=2",
-    "--num_filters=4", "--num_stages=2", "--inner_steps=2", "--eval_inner_steps=2",
-    "--msl_epochs=1", "--epochs=2", "--iterations_per_epoch=8", "--val_tasks=4",
-    "--test_tasks=6", "--ensemble_top_k=2", "--checkpoint_every=3", "--task_impl=loop",
-    "--meta_lr=0.003", "--min_meta_lr=0.001", "--log_every=2",
-]
-
-
-def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True):
-    command = [sys.executable, "-m", module, f"--model_dir={model_dir}"]
-    command += ([] if module != "mamlpp_tf.train" else TINY) + list(extra)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return process
-    stdout, stderr = process.communicate(timeout=600)
-    return process.returncode, stdout, stderr
-
-
-def comparable(results):
-    """results.json without what legitimately differs between runs (wall time)."""
-    return {k: v for k, v in results.items() if k != "wall_time_s"}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("run"))
-    code, stdout, stderr = run_job(model_dir)
-    assert code == 0, stderr[-3000:]
-    return model_dir, stdout
-
 
 def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
     model_dir, stdout = finished_run

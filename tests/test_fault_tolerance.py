@@ -1,0 +1,75 @@
+"""Faults injected into the main job: damaged checkpoints, lock contention, config changes."""
+
+import glob
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import comparable, run_job
+from mamlpp_tf import runs
+
+
+def kill_after_checkpoints(model_dir, count):
+    """Starts the TINY run and SIGKILLs it once `count` latest checkpoints exist."""
+    process = run_job(model_dir, wait=False)
+    pattern = os.path.join(model_dir, "checkpoints", "latest", "ckpt-*.index")
+    deadline = time.time() + 300
+    while (len(glob.glob(pattern)) < count and process.poll() is None and
+           time.time() < deadline):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    return sorted(glob.glob(pattern), key=lambda p: int(p.split("-")[-1].split(".")[0]))
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path):
+    model_dir = str(tmp_path / "damaged")
+    indexes = kill_after_checkpoints(model_dir, 2)
+    assert len(indexes) >= 2
+    newest = indexes[-1][:-len(".index")]
+    data_file = glob.glob(newest + ".data-*")[0]
+    with open(data_file, "r+b") as stream:
+        stream.truncate(os.path.getsize(data_file) // 2)
+    code, _, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    warning = [l for l in stderr.splitlines() if "is damaged" in l]
+    assert warning and os.path.basename(newest) in warning[0]
+    assert os.path.basename(indexes[-2][:-len(".index")]) in warning[0]
+    resumed = json.load(open(os.path.join(model_dir, "results.json")))
+    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
+    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_a_second_process_on_the_same_model_dir_is_refused(tmp_path):
+    model_dir = str(tmp_path / "locked")
+    with runs.RunLock(model_dir):
+        code, _, stderr = run_job(model_dir)
+    assert code == 2
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and f"in use by process {os.getpid()}" in lines[0]
+    assert not os.path.exists(os.path.join(model_dir, "config.json"))
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
+    model_dir = tmp_path / "stale"
+    model_dir.mkdir()
+    (model_dir / "lock").write_text("999999")  # No process holds the flock.
+    with runs.RunLock(str(model_dir)):
+        assert (model_dir / "lock").read_text() == str(os.getpid())
+    with runs.RunLock(str(model_dir)):  # Released on exit: takeable again.
+        pass
+
+
+def test_override_config_resumes_with_recorded_new_flags(tmp_path):
+    model_dir = str(tmp_path / "override")
+    kill_after_checkpoints(model_dir, 1)
+    code, _, stderr = run_job(model_dir, "--ensemble_top_k=1")
+    assert code == 2 and "--ensemble_top_k: 2 -> 1" in stderr
+    code, stdout, stderr = run_job(model_dir, "--ensemble_top_k=1", "--override_config")
+    assert code == 0, stderr[-3000:]
+    assert "top-1 ensemble" in stdout
+    assert json.load(open(os.path.join(model_dir, "config.json")))["ensemble_top_k"] == 1
