@@ -25,11 +25,14 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_user_error(error)
 
 
 def exit_on_user_error(error: BaseException) -> NoReturn:
-    """Reports a user error (bad flag combination, file, data) in one line, exit 2."""
-    print(f"error: {error}", file=sys.stderr)
+    """Reports a user error (bad flag combination, file, data) in one line, exit 2.
+
+    absl lists each failed validator on its own line; they are joined with "; ".
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    print(f"error: {'; '.join(lines)}", file=sys.stderr)
     sys.exit(2)

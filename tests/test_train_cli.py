@@ -108,6 +108,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     (["--bn_stats=running", "--noper_step_bn"], "per_step_bn"),
     (["--meta_batch_size=0"], "meta_batch_size"),
     (["--strategy=mirrored", "--cpu_replicas=3"], "meta_batch_size=2"),
+    (["--eval_inner_steps=7", "--bn_stats=running", "--noper_step_bn"], "; flags"),
 ])
 def test_bad_flags_give_one_named_line(tmp_path, extra, named):
     code, _, stderr = run_job(str(tmp_path / "bad"), *extra)
