@@ -13,8 +13,10 @@ EXTRAS = {
     "cpu": ["tensorflow-cpu>=2.16"],
     "gpu": ["tensorflow[and-cuda]>=2.16"],
     "tf": ["tensorflow>=2.16"],
-    "plots": ["matplotlib>=3.7"],
-    "test": ["pytest>=7", "hypothesis>=6", "pillow>=9", "psutil>=5", "matplotlib>=3.7"],
+    "test": ["pytest>=7", "hypothesis>=6", "pillow>=9", "psutil>=5"],
+    # No "serving" extra: tensorflow-serving-api (the gRPC protos of export.client)
+    # requires the full `tensorflow` wheel, which must not sit beside tensorflow-cpu.
+    # Install it with `pip install --no-deps tensorflow-serving-api`.
 }
 
 setuptools.setup(
@@ -37,7 +39,10 @@ setuptools.setup(
         "tensorboard>=2.16",
         "numpy>=1.23",
         "pillow>=9",
+        # python -m mamlpp_tf.report draws its figures with it.
+        "matplotlib>=3.7",
     ],
+    package_data={"export": ["serving/*"]},
     extras_require=EXTRAS,
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,0 +1,58 @@
+"""Exports a task model: the run's network adapted to one support set, for TF Serving.
+
+    python -m export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
+        --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|running]
+
+Writes `BASE/NAME/<version>/` (the next free version) with signatures
+`serving_default(images float32 [None, H, W, C])` and
+`predict_encoded(image_bytes string [None])`, both answering
+`{probabilities, class_ids, class_names}`; prints the version folder. See
+`export.saved_models` for what is baked in and `export.support` for the
+support-set layouts.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+
+from export import saved_models
+from mamlpp_tf import cli
+
+flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
+flags.DEFINE_string(
+    "support", None, "Support set: a folder with one sub-folder of "
+    "PNG/JPEG images per class (the folder name is the label), or an "
+    ".npz with preprocessed x, labels y and optional names.")
+flags.DEFINE_string(
+    "export_dir", None, "BASE/NAME: the model is written to "
+    "BASE/NAME/<version>/, version one above the largest there.")
+flags.DEFINE_integer("epoch",
+                     None, "Checkpoint epoch to adapt (default: the best "
+                     "validation epoch the run kept).",
+                     lower_bound=0)
+flags.DEFINE_enum(
+    "bn_stats", None, saved_models.BN_STATS,
+    "Batch-norm statistics fixed at export: 'support' (the support set's, "
+    "through the adapted weights) or 'running' (the per-step running "
+    "statistics). Default: 'running' for --bn_stats=running runs, else "
+    "'support'.")
+flags.mark_flags_as_required(["model_dir", "support", "export_dir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_tensorflow_logs()
+    try:
+        path = saved_models.export_task_model(FLAGS.model_dir, FLAGS.support,
+                                              FLAGS.export_dir, FLAGS.epoch,
+                                              FLAGS.bn_stats)
+    except (ValueError, FileNotFoundError) as error:
+        cli.exit_on_user_error(error)
+    print(path)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -1,0 +1,238 @@
+"""The run report: figures of a real (tiny, synthetic) run, read back from their data."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from mamlpp_tf import reporting
+from mamlpp_tf import schedules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two epochs of a 2-stage, 3-step network on synthetic glyphs: about 15 s.
+TINY = [
+    "--dataset=synthetic",
+    "--n_way=3",
+    "--k_shot=1",
+    "--n_query=2",
+    "--meta_batch_size=2",
+    "--num_filters=4",
+    "--num_stages=2",
+    "--inner_steps=3",
+    "--eval_inner_steps=3",
+    "--msl_epochs=1",
+    "--epochs=2",
+    "--iterations_per_epoch=8",
+    "--val_tasks=4",
+    "--test_tasks=6",
+    "--ensemble_top_k=2",
+    "--checkpoint_every=3",
+    "--task_impl=loop",
+    "--meta_lr=0.01",
+    "--min_meta_lr=0.001",
+    "--log_every=2",
+]
+PARAM_NAMES = [
+    "conv0/kernel", "conv0/bias", "conv1/kernel", "conv1/bias", "dense/kernel",
+    "dense/bias"
+]
+
+
+def run_module(module, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.run([sys.executable, "-m", module, *args],
+                             cwd=ROOT,
+                             env=env,
+                             capture_output=True,
+                             text=True,
+                             timeout=600)
+    return process.returncode, process.stdout, process.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("maml_pp"))
+    code, _, stderr = run_module("mamlpp_tf.train", f"--model_dir={model_dir}", *TINY)
+    assert code == 0, stderr[-3000:]
+    return model_dir
+
+
+def copy_run(model_dir, destination):
+    shutil.copytree(model_dir, destination)
+    return str(destination)
+
+
+def checkpoint_lslr(path):
+    reader = tf.train.load_checkpoint(path)
+    return np.stack([
+        reader.get_tensor(
+            f"lslr/rate_{name.replace('/', '_')}/.ATTRIBUTES/VARIABLE_VALUE")
+        for name in PARAM_NAMES
+    ])
+
+
+def assert_valid_png(path):
+    assert os.path.getsize(path) > 5000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert width >= 250 and height >= 200, (path, image.size)
+        pixels = np.asarray(image.convert("RGB"))
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 20, (path, len(colours))  # Not blank.
+
+
+def test_report_writes_every_figure_and_the_results_table(finished_run, tmp_path):
+    out = str(tmp_path / "report")
+    path = reporting.write_report([finished_run], out)
+    assert path == os.path.join(out, "report.md")
+    label = os.path.basename(finished_run)
+    expected = {
+        f"lslr_{label}.png", f"bn_{label}.png", "msl_weights.png", "curves.png",
+        "meta_lr.png", "report.md"
+    }
+    assert set(os.listdir(out)) == expected  # No temporary files left behind.
+    markdown = open(path).read()
+    for name in expected - {"report.md"}:
+        assert_valid_png(os.path.join(out, name))
+        assert f"]({name})" in markdown
+    test = json.load(open(os.path.join(finished_run, "results.json")))["test"]
+    row = next(
+        line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
+    assert "finished" in row
+    single = f"{test['accuracy']:.4f} ± {test['ci95']:.4f} (epoch {test['best_epoch']})"
+    assert single in row
+    assert f"{test['ensemble_accuracy']:.4f} ± {test['ensemble_ci95']:.4f}" in row
+
+
+def test_lslr_heatmap_shows_the_best_epoch_checkpoint(finished_run):
+    run = reporting.load_run(finished_run)
+    best = json.load(open(os.path.join(finished_run,
+                                       "results.json")))["test"]["best_epoch"]
+    expected = checkpoint_lslr(
+        os.path.join(finished_run, "checkpoints", f"epoch_{best:03d}", "model"))
+    assert not np.allclose(expected, 0.1)  # Training moved the rates off their init.
+    axes = reporting.lslr_figure(run).axes[0]
+    np.testing.assert_array_equal(np.asarray(axes.images[0].get_array()), expected)
+    assert [label.get_text() for label in axes.get_yticklabels()] == PARAM_NAMES
+    assert [label.get_text() for label in axes.get_xticklabels()
+           ] == ["step 1", "step 2", "step 3"]
+    annotated = np.array([float(text.get_text()) for text in axes.texts]).reshape(6, 3)
+    np.testing.assert_allclose(annotated, expected, rtol=5e-3, atol=1e-4)
+    assert f"epoch {best}, best validation" in axes.get_title()
+    # Centred on 0: the colour scale is symmetric.
+    norm = axes.images[0].norm
+    assert norm.vmin == -norm.vmax == -np.abs(expected).max()
+
+
+def test_bn_heatmap_shows_per_step_gamma_and_beta_norms(finished_run):
+    run = reporting.load_run(finished_run)
+    reader = tf.train.load_checkpoint(run.checkpoint.path)
+    gamma_axes, beta_axes = reporting.bn_figure(run).axes[0::2]  # Skip the colour bars.
+    for axes, label in ((gamma_axes, "gamma"), (beta_axes, "beta")):
+        expected = np.stack([
+            np.linalg.norm(reader.get_tensor(
+                f"backbone/norm{i}/{label}/.ATTRIBUTES/VARIABLE_VALUE"),
+                           axis=-1) for i in range(2)
+        ])
+        assert expected.shape == (2, 3)
+        np.testing.assert_allclose(np.asarray(axes.images[0].get_array()),
+                                   expected,
+                                   rtol=1e-6)
+
+
+def test_schedules_are_what_training_logged(finished_run):
+    run = reporting.load_run(finished_run)
+    iterations, logged = run.train_scalars["meta_lr"]
+    assert list(iterations) == list(range(2, 17, 2))
+    np.testing.assert_allclose(
+        logged, [schedules.cosine_meta_lr(t // 8, 0.01, 0.001, 2) for t in iterations],
+        rtol=1e-6)
+    axes = reporting.msl_figure([run]).axes[0]
+    lines = [line for line in axes.get_lines() if line.get_label().startswith("step")]
+    assert len(lines) == 3
+    np.testing.assert_allclose(lines[-1].get_ydata(), [1 / 3, 1.0, 1.0], rtol=1e-6)
+
+
+def test_scalars_of_a_resumed_run_and_a_truncated_event_file(tmp_path):
+    # A resumed run writes step 2 again, to a new file: the later value wins.
+    for writes in ([(1, 1.0), (2, 2.0)], [(2, 3.0)]):
+        with tf.summary.create_file_writer(str(tmp_path)).as_default():
+            for step, value in writes:
+                tf.summary.scalar("loss", value, step=step)
+                tf.summary.scalar("other", value, step=step)
+    path = max(glob.glob(str(tmp_path / "events.*")))
+    with open(path, "rb") as stream:
+        data = stream.read()
+    with open(path, "wb") as stream:  # A writer killed mid-record.
+        stream.write(data[:-5])
+    steps, values = reporting.read_scalars(str(tmp_path), ["loss"])["loss"]
+    assert list(steps) == [1, 2] and list(values) == [1.0, 3.0]
+
+
+def test_several_runs_overlay_their_curves(finished_run, tmp_path):
+    other = copy_run(finished_run, tmp_path / "maml")
+    out = str(tmp_path / "compare")
+    reporting.write_report([finished_run, other], out)
+    label = os.path.basename(finished_run)
+    for name in (f"lslr_{label}.png", "lslr_maml.png", "bn_maml.png", "curves.png"):
+        assert_valid_png(os.path.join(out, name))
+    runs_ = [reporting.load_run(finished_run), reporting.load_run(other, "maml")]
+    for axes in reporting.curves_figure(runs_).axes:
+        labels = {text.get_text() for text in axes.get_legend().get_texts()}
+        assert {
+            f"{label} train", f"{label} validation", "maml train", "maml validation"
+        } <= labels
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert markdown.count("| finished |") == 2
+
+
+def test_interrupted_run_reports_from_the_cli(finished_run, tmp_path):
+    # Killed at iteration 15 of 16, no epoch checkpoint kept: no results, no history.
+    model_dir = copy_run(finished_run, tmp_path / "interrupted")
+    os.remove(os.path.join(model_dir, "results.json"))
+    os.remove(os.path.join(model_dir, "history.json"))
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    for name in ("epoch_000", "epoch_001"):
+        shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
+    latest = os.path.join(checkpoints, "latest", "ckpt-15")
+    for path in glob.glob(os.path.join(checkpoints, "latest", "ckpt-16.*")):
+        os.remove(path)
+    tf.compat.v1.train.update_checkpoint_state(os.path.dirname(latest), latest,
+                                               [latest])
+    out = str(tmp_path / "out")
+    code, stdout, stderr = run_module("mamlpp_tf.report", f"--model_dir={model_dir}",
+                                      f"--out={out}")
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip() == os.path.join(out, "report.md")
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert "unfinished: iteration 15 of 16" in markdown
+    assert_valid_png(os.path.join(out, "lslr_interrupted.png"))
+    run = reporting.load_run(model_dir)
+    assert run.checkpoint.description == "iteration 15, latest checkpoint"
+    np.testing.assert_array_equal(
+        np.asarray(reporting.lslr_figure(run).axes[0].images[0].get_array()),
+        checkpoint_lslr(latest))
+
+
+def test_run_without_checkpoint_is_a_one_line_error(finished_run, tmp_path):
+    model_dir = tmp_path / "fresh"
+    model_dir.mkdir()
+    shutil.copy(os.path.join(finished_run, "config.json"), model_dir)
+    code, _, stderr = run_module("mamlpp_tf.report", f"--model_dir={model_dir}")
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert re.fullmatch(r"error: --model_dir=\S+ has no checkpoint yet .*",
+                        lines[0]), lines
+    assert not os.path.exists(model_dir / "report")
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        reporting.load_run(str(tmp_path))
