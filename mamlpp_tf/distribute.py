@@ -2,17 +2,25 @@
 
 `default` runs on one device; `mirrored` splits the tasks of every meta-batch
 across the local GPUs (or across logical CPU devices with `cpu_replicas`);
-`multi_worker` does the same across machines described by `TF_CONFIG`. The
-learner keeps every task's batch-norm statistics on its own replica and
-reduces gradients once, so the learning dynamics do not depend on the number
-of replicas.
+`multi_worker` does the same across machines described by `TF_CONFIG`, one
+replica per GPU of every worker (one per worker without GPUs). The learner
+keeps every task's batch-norm statistics on its own replica and reduces
+gradients once, so the learning dynamics do not depend on the number of
+replicas.
+
+Also the pieces a training loop needs around the strategy: distributing the
+meta-batches (`distribute_dataset`), who writes (`is_chief`), how the other
+workers take part in a save (`write_as_non_chief`), and a `barrier`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
+from absl import logging
 import tensorflow as tf
 
 
@@ -49,8 +57,12 @@ def resolve(name: str, meta_batch_size: int, cpu_replicas: int = 0) -> tf.distri
 
     Raises:
       ValueError: on an unknown name, a missing/invalid `TF_CONFIG` for
-        `multi_worker`, or a meta-batch not divisible by the replicas.
+        `multi_worker`, `cpu_replicas` with another strategy than `mirrored`,
+        or a meta-batch not divisible by the replicas.
     """
+    if cpu_replicas and name != "mirrored":
+        raise ValueError(f"--cpu_replicas={cpu_replicas} applies to "
+                         f"--strategy=mirrored only (got --strategy={name})")
     if cpu_replicas:
         split_cpu(cpu_replicas)
     if name == "default":
@@ -60,6 +72,9 @@ def resolve(name: str, meta_batch_size: int, cpu_replicas: int = 0) -> tf.distri
         if cpu_replicas:
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
+        if strategy.num_replicas_in_sync == 1:
+            logging.warning("--strategy=mirrored found one device (no GPU visible?); "
+                            "training on a single replica")
     elif name == "multi_worker":
         _check_tf_config()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -70,6 +85,68 @@ def resolve(name: str, meta_batch_size: int, cpu_replicas: int = 0) -> tf.distri
         raise ValueError(f"--meta_batch_size={meta_batch_size} must be divisible by the "
                          f"{replicas} replicas of --strategy={name}")
     return strategy
+
+
+def distribute_dataset(
+        strategy: tf.distribute.Strategy,
+        dataset: tf.data.Dataset) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+    """Splits every global meta-batch of `dataset` among the replicas.
+
+    `dataset` yields global meta-batches (leading dimension: all tasks of one
+    meta-iteration). Each replica receives an equal, static share of every
+    one of them; with several workers each worker builds every meta-batch and
+    keeps its replicas' share (`AutoShardPolicy.DATA`), so the global
+    meta-batch, and with it the learning dynamics, is the same for any number
+    of replicas and workers.
+
+    Args:
+      strategy: The strategy of the learner.
+      dataset: Global meta-batches with a static leading dimension divisible
+        by `strategy.num_replicas_in_sync`.
+
+    Returns:
+      `dataset` itself for one replica, else the distributed dataset.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Processes taking part in `strategy` (1 unless multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(spec.get(job, ())) for job in ("chief", "worker")))
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns once every worker has reached it (at once with one worker).
+
+    A one-number all-reduce: lets the other workers read what the chief has
+    just written (e.g. the epoch checkpoints the final test restores).
+    """
+    if num_workers(strategy) > 1:
+        strategy.reduce(tf.distribute.ReduceOp.SUM,
+                        strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def write_as_non_chief(checkpoint: tf.train.Checkpoint) -> None:
+    """Takes part in a save without leaving files (a worker other than the chief).
+
+    TensorFlow's documented multi-worker pattern: saving distributed variables
+    may run collective ops, so every worker saves whenever the chief does; the
+    others write to a private temporary directory and delete it at once.
+    """
+    directory = tempfile.mkdtemp(prefix="mamlpp_worker_")
+    try:
+        checkpoint.write(os.path.join(directory, "ckpt"))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

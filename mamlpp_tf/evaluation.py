@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from mamlpp_tf import data
+from mamlpp_tf import distribute
 from mamlpp_tf import experiment
 from mamlpp_tf import runs
 from mamlpp_tf.config import RunConfig
@@ -47,31 +48,25 @@ def evaluate(learner: MamlPlusPlus,
     Args:
       learner: The learner (its variables are left unchanged).
       dataset: Meta-batches; a `tf.data.Dataset` of the fixed tasks.
-      strategy: If given, the dataset is distributed with it.
+      strategy: If given, the dataset is distributed with it; every worker
+        then takes part and receives the results of all tasks.
 
     Returns:
-      Per-task results in task order.
+      Per-task results of all tasks, gathered from the replicas in replica
+      order: task order on one machine, and the same order for every model.
     """
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
-        dataset = strategy.experimental_distribute_dataset(dataset)
-    parts: dict[str, list[np.ndarray]] = {"loss": [], "accuracy": [], "logits": []}
-    labels = []
+    if strategy is not None:
+        dataset = distribute.distribute_dataset(strategy, dataset)
+    parts: dict[str, list[np.ndarray]] = {
+        "loss": [], "accuracy": [], "logits": [], "labels": []}
     for batch in dataset:
         result = learner.eval_step(batch)
-        for key in parts:
-            parts[key].append(result[key].numpy())
-        labels.append(_concat_replicas(batch[3], strategy))
+        for key, values in parts.items():
+            values.append(result[key].numpy())
     return TaskResults(losses=np.concatenate(parts["loss"]),
                        accuracies=np.concatenate(parts["accuracy"]),
                        logits=np.concatenate(parts["logits"]),
-                       labels=np.concatenate(labels))
-
-
-def _concat_replicas(value, strategy: tf.distribute.Strategy | None) -> np.ndarray:
-    if strategy is None or strategy.num_replicas_in_sync == 1:
-        return np.asarray(value)
-    return np.concatenate(
-        [np.asarray(v) for v in strategy.experimental_local_results(value)])
+                       labels=np.concatenate(parts["labels"]))
 
 
 def summarize(accuracies: np.ndarray,

@@ -261,13 +261,22 @@ class MamlPlusPlus:
         the two Python modes (MSL on/off, first/second order) select one of at
         most four traced functions.
 
+        Under a strategy, call it outside `strategy.scope()` (the update is
+        applied from the default context; see `_make_train_fn`).
+
         Args:
           batch: A meta-batch, or a distributed one under a strategy.
           epoch: Integer epoch `iteration // iterations_per_epoch`.
 
         Returns:
           `{"loss", "accuracy"}`: meta-loss and query accuracy of the batch.
+
+        Raises:
+          RuntimeError: if called inside a non-default `strategy.scope()`.
         """
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+            raise RuntimeError("call train_step outside `strategy.scope()`: the "
+                               "meta-update is applied once, from the default context")
         msl, second_order, weights = self._epoch_modes(epoch)
         key = (msl, second_order)
         if key not in self._train_fns:
@@ -275,11 +284,27 @@ class MamlPlusPlus:
         return self._train_fns[key](batch, tf.constant(weights, self.config.dtype))
 
     def _make_train_fn(self, msl: bool, second_order: bool) -> Callable:
-        strategy = self._strategy
+        """The traced meta-step: per-replica gradients, one reduction, clip, apply.
 
-        def replica_step(batch: Batch, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            global_tasks = batch[0].shape[0] * strategy.num_replicas_in_sync
-            variables = self.trainable_variables
+        Each replica scales its tasks' loss by 1/global tasks, so the sum over
+        replicas of their gradients is the gradient of the global meta-loss,
+        and the mean over replicas of their task-mean batch moments is the
+        global task mean. Both are all-reduced once (one batched collective
+        each) in the replica context. Clipping (element-wise, so it must see
+        the sum), the optimiser and the running-statistics update follow in the
+        default context, where Keras' optimiser does not all-reduce again and
+        every replica's copy of a variable gets the same update. With one
+        device the reductions are the identity and this is the plain step.
+        """
+        strategy = self._strategy
+        variables = self.trainable_variables
+        # (inner step, [count of each BN layer]) of every network pass; static,
+        # recorded when tracing the replica step.
+        layout: list[tuple[int, list[int]]] = []
+
+        def replica_grads(batch: Batch, weights: tf.Tensor):
+            """This replica's share: loss, accuracy, gradients, moments of each pass."""
+            global_tasks = _static_tasks(batch) * strategy.num_replicas_in_sync
             with tf.GradientTape() as tape:
                 losses, logits, records = self.run_tasks(
                     batch, num_steps=self.config.inner_steps, training=True,
@@ -287,21 +312,60 @@ class MamlPlusPlus:
                 loss = tf.reduce_sum(losses) / global_tasks
             grads = tape.gradient(loss, variables,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            self.optimizer.apply_gradients(zip(self._clip(grads), variables))
-            self._update_running_stats(records)
             accuracy = tf.reduce_sum(_accuracy(batch[3], logits)) / global_tasks
-            return loss, accuracy
+            layout[:] = [(inner_step, [m.count for m in moments])
+                         for inner_step, moments in records]
+            return loss, accuracy, grads, [[(m.mean, m.variance) for m in moments]
+                                           for _, moments in records]
+
+        replica_jit, step_jit = self._jit_placement()
+        if replica_jit:
+            replica_grads = tf.function(replica_grads, jit_compile=True)
+
+        def replica_step(batch: Batch, weights: tf.Tensor):
+            loss, accuracy, grads, moments = replica_grads(batch, weights)
+            context = tf.distribute.get_replica_context()
+            moments = context.all_reduce(tf.distribute.ReduceOp.MEAN, moments)
+            loss, accuracy, grads = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, (loss, accuracy, grads))
+            return loss, accuracy, grads, moments
 
         def step(batch, weights):
             self.trace_count += 1
-            loss, accuracy = strategy.run(replica_step, args=(batch, weights))
-            return dict(loss=strategy.reduce("SUM", loss, axis=None),
-                        accuracy=strategy.reduce("SUM", accuracy, axis=None))
+            loss, accuracy, grads, moments = strategy.run(replica_step,
+                                                          args=(batch, weights))
 
-        return tf.function(step, jit_compile=self.config.jit_compile or None)
+            def reduced(value):
+                """Every replica holds the same value; this worker's first copy."""
+                return strategy.experimental_local_results(value)[0]
+
+            self.optimizer.apply_gradients(zip(self._clip([reduced(g) for g in grads]),
+                                               variables))
+            self._update_running_stats([
+                (inner_step, [BatchMoments(reduced(mean), reduced(variance), count)
+                              for (mean, variance), count in zip(pass_moments, counts)])
+                for (inner_step, counts), pass_moments in zip(layout, moments)
+            ])
+            return dict(loss=reduced(loss), accuracy=reduced(accuracy))
+
+        return tf.function(step, jit_compile=step_jit)
+
+    def _jit_placement(self) -> tuple[bool, bool | None]:
+        """Where XLA goes with `jit_compile`: `(per-replica computation, whole step)`.
+
+        XLA cannot compile a function spanning several devices, so with
+        several replicas it compiles each replica's computation instead, called
+        from a Python replica function so that it is traced on (and reads the
+        variables of) each replica.
+        """
+        if not self.config.jit_compile:
+            return False, None
+        if self._strategy.num_replicas_in_sync > 1:
+            return True, None
+        return False, True
 
     def _clip(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise clip of the network's gradients (never LSLR's), SPEC §7."""
+        """Element-wise clip of the summed network gradients, never LSLR's, SPEC §7."""
         clip = self.config.grad_clip
         if not clip:
             return grads
@@ -316,9 +380,10 @@ class MamlPlusPlus:
           batch: A meta-batch (or a distributed one).
 
         Returns:
-          `{"loss" [T], "accuracy" [T], "logits" [T, N·Q, n_way]}` per task,
-          the final-step query loss, accuracy and logits (logits are what the
-          top-k ensemble averages).
+          `{"loss" [T], "accuracy" [T], "logits" [T, N·Q, n_way], "labels"
+          [T, N·Q]}` per task: the final-step query loss, accuracy and logits
+          (logits are what the top-k ensemble averages) and the query labels,
+          gathered from every replica of every worker in replica order.
         """
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
@@ -327,18 +392,27 @@ class MamlPlusPlus:
     def _make_eval_fn(self) -> Callable:
         strategy = self._strategy
 
-        def replica_step(batch: Batch) -> dict[str, tf.Tensor]:
+        def replica_results(batch: Batch) -> dict[str, tf.Tensor]:
+            _static_tasks(batch)
             losses, logits, _ = self.run_tasks(
                 batch, num_steps=self.config.eval_inner_steps, training=False,
                 second_order=False, msl_weights=None)
-            return dict(loss=losses, accuracy=_accuracy(batch[3], logits), logits=logits)
+            return dict(loss=losses, accuracy=_accuracy(batch[3], logits),
+                        logits=logits, labels=batch[3])
+
+        replica_jit, step_jit = self._jit_placement()
+        if replica_jit:
+            replica_results = tf.function(replica_results, jit_compile=True)
+
+        def replica_step(batch: Batch) -> dict[str, tf.Tensor]:  # See `_jit_placement`.
+            return replica_results(batch)
 
         def step(batch):
             self.trace_count += 1
             results = strategy.run(replica_step, args=(batch,))
             return {key: strategy.gather(value, axis=0) for key, value in results.items()}
 
-        return tf.function(step, jit_compile=self.config.jit_compile or None)
+        return tf.function(step, jit_compile=step_jit)
 
     def adapt(self, support_x: tf.Tensor, support_y: tf.Tensor,
               num_steps: int | None = None) -> dict[str, tf.Tensor]:
@@ -374,6 +448,20 @@ class MamlPlusPlus:
         num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
         logits, _ = self.backbone.forward(images, params, num_steps - 1, False)
         return logits
+
+
+def _static_tasks(batch: Batch) -> int:
+    """Tasks in this replica's share of a meta-batch; the inner loop needs it static.
+
+    Raises:
+      ValueError: if the leading dimension is unknown when tracing.
+    """
+    tasks = batch[0].shape[0]
+    if tasks is None:
+        raise ValueError("a meta-batch needs a static number of tasks per replica "
+                         f"(got shape {batch[0].shape}); give the dataset a fixed "
+                         "meta-batch size divisible by the replicas")
+    return tasks
 
 
 def _mean_over_tasks(moments: Iterable[BatchMoments], tasks: int | None) -> list[BatchMoments]:

@@ -126,9 +126,8 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
     writers = {name: tf.summary.create_file_writer(os.path.join(run.tensorboard_dir, name))
                for name in ("train", "val")} if chief else {}
     if iteration < total:
-        tasks = experiment.train_tasks(config, sets["train"], iteration)
-        if replicas > 1:
-            tasks = strategy.experimental_distribute_dataset(tasks)
+        tasks = distribute.distribute_dataset(
+            strategy, experiment.train_tasks(config, sets["train"], iteration))
         # A live bar on a terminal; one line per epoch in log files.
         progress = keras.utils.Progbar(total, unit_name="meta-iteration",
                                        verbose=1 if sys.stdout.isatty() else 2,
@@ -192,8 +191,11 @@ def _restore_latest(manager: tf.train.CheckpointManager) -> None:
 
 
 def _save(manager: tf.train.CheckpointManager, iteration: int, chief: bool) -> None:
+    """The chief checkpoints the training state; other workers only take part."""
     if chief:
         manager.save(checkpoint_number=iteration)
+    else:
+        distribute.write_as_non_chief(manager.checkpoint)
 
 
 def _end_epoch(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
@@ -214,6 +216,12 @@ def _end_epoch(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
         manager.save(checkpoint_number=int(learner.iterations.numpy()))
         run.prune_epochs(runs.top_epochs(history + [entry], config.ensemble_top_k))
         _epoch_summaries(writers, learner, config, entry, int(learner.iterations.numpy()))
+    else:  # The same saves as the chief's, in the same order.
+        distribute.write_as_non_chief(
+            tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr))
+        distribute.write_as_non_chief(manager.checkpoint)
+    # Other workers may read this epoch's checkpoint (final test) once past here.
+    distribute.barrier(strategy)
     return entry
 
 

@@ -1,0 +1,279 @@
+"""Distribution strategies: equal to one device, two workers on loopback, CLI resume.
+
+Logical CPU devices and `MultiWorkerMirroredStrategy` must be configured before
+TensorFlow initialises, so the distributed runs happen in subprocesses
+(tests/distributed_helper.py or the training CLI).
+
+Tolerances. The meta-step on several replicas only adds the same per-task
+gradients in another order, so float32 results agree to rounding. Two kinds of
+tensors are compared only where they mean something: conv biases feed batch
+norm, which removes them, so their exact meta-gradient is zero and float32
+leaves rounding noise (about 1e-9) that SGD keeps small but Adam scales to
+±learning-rate steps; and the running means absorb those biases. Neither
+changes any output (with `--bn_stats=batch`), and every other tensor must agree.
+"""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, TINY, run_job
+from mamlpp_tf import distribute
+
+HELPER = os.path.join(ROOT, "tests", "distributed_helper.py")
+TIMEOUT_S = 420
+# Parameters only rounding noise moves (see the module docstring).
+NOISE_ONLY = ("conv0_bias", "conv1_bias", "running_mean")
+
+
+def _env(**extra) -> dict:
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path, **extra)
+
+
+def _assert_close(actual: np.ndarray,
+                  expected: np.ndarray,
+                  rtol: float,
+                  atol: float = 0.0,
+                  name: str = "") -> None:
+    """max|actual - expected| <= atol + rtol * max|expected| over the tensor."""
+    error = float(np.max(np.abs(actual - expected)))
+    bound = atol + rtol * float(np.max(np.abs(expected)))
+    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
+
+
+# ------------------------------------------------------------------ resolve
+
+
+def test_resolve_errors_name_the_flag(monkeypatch):
+    with pytest.raises(ValueError, match="--strategy='tpu'"):
+        distribute.resolve("tpu", 8)
+    with pytest.raises(ValueError,
+                       match="--cpu_replicas=2 applies to --strategy=mirrored only"):
+        distribute.resolve("default", 8, cpu_replicas=2)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        distribute.resolve("multi_worker", 8)
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid"):
+        distribute.resolve("multi_worker", 8)
+    assert distribute.resolve("default", 3).num_replicas_in_sync == 1
+
+
+WORKERS_ONLY = dict(worker=["a:1", "b:1"])
+WITH_CHIEF = dict(chief=["c:1"], worker=["a:1"])
+
+
+@pytest.mark.parametrize("jobs,task,chief,workers", [
+    (WORKERS_ONLY, ("worker", 0), True, 2),
+    (WORKERS_ONLY, ("worker", 1), False, 2),
+    (WITH_CHIEF, ("worker", 0), False, 2),
+    (WITH_CHIEF, ("chief", 0), True, 2),
+])
+def test_only_one_worker_is_chief(jobs, task, chief, workers):
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(jobs), task_type=task[0], task_id=task[1])
+    strategy = types.SimpleNamespace(cluster_resolver=resolver)
+    assert distribute.is_chief(strategy) == chief
+    assert distribute.num_workers(strategy) == workers
+    assert distribute.is_chief(tf.distribute.get_strategy())
+    assert distribute.num_workers(tf.distribute.get_strategy()) == 1
+
+
+# ------------------------------------------- mirrored meta-step == one device
+
+
+def test_mirrored_meta_steps_equal_one_device(tmp_path):
+    """3 SGD meta-steps, 4 tasks on 2 replicas vs 1 device, gradient clipping active."""
+    out = str(tmp_path / "equivalence.npz")
+    result = subprocess.run([sys.executable, HELPER, "equivalence", out],
+                            cwd=ROOT,
+                            env=_env(),
+                            capture_output=True,
+                            text=True,
+                            timeout=TIMEOUT_S,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    z = np.load(out)
+    assert int(z["mirrored/replicas"]) == 2 and int(z["one/replicas"]) == 1
+    # The clip changes some entries of the summed gradient and leaves others:
+    # clipping each replica's half would give different parameters.
+    assert 0.1 < float(z["clipped_fraction"]) < 0.9
+    np.testing.assert_allclose(z["mirrored/losses"], z["one/losses"], rtol=1e-6)
+    for kind in ("params", "stats"):
+        names = sorted(k for k in z.files if k.startswith(f"one/{kind}/"))
+        assert names
+        for name in names:
+            # atol: conv biases ahead of batch norm hold only rounding noise (~1e-8).
+            _assert_close(z[name.replace("one/", "mirrored/", 1)],
+                          z[name],
+                          rtol=1e-5,
+                          atol=1e-7,
+                          name=name)
+    # Every replica applied the same update to every variable and optimizer slot.
+    assert bool(z["mirrored/copies_identical"])
+
+
+# -------------------------------------------------- runs against one device
+
+
+def _results_table(stdout: str) -> str:
+    return stdout[stdout.index("Test on"):].strip()
+
+
+def _latest_params(model_dir: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", "latest"))
+    return {
+        key: reader.get_tensor(key)
+        for key in reader.get_variable_to_shape_map()
+        if key.startswith(("backbone/", "lslr/"))
+    }
+
+
+def _train_losses(model_dir: str) -> dict[int, float]:
+    """The TensorBoard training loss by iteration (a resumed run's later files win)."""
+    losses = {}
+    for path in sorted(
+            glob.glob(os.path.join(model_dir, "tensorboard", "train", "events.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+    return losses
+
+
+def _checkpoint_files(model_dir: str) -> list[str]:
+    root = os.path.join(model_dir, "checkpoints")
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, files in os.walk(root)
+        for f in files)
+
+
+def _assert_matches_one_device(model_dir: str, reference_dir: str) -> None:
+    """Same checkpoints, parameters, Adam losses, validation and test as one device.
+
+    Measured on this CPU with the TINY config (16 Adam steps, 2 tasks per
+    meta-batch): parameters within 1e-5 of their scale, losses within 3e-6
+    relative, identical accuracies; the bounds leave a margin of 10 or more.
+    """
+    assert _checkpoint_files(model_dir) == _checkpoint_files(reference_dir)
+    params, reference = _latest_params(model_dir), _latest_params(reference_dir)
+    assert params.keys() == reference.keys()
+    for key, value in reference.items():
+        if not any(part in key for part in NOISE_ONLY):
+            _assert_close(params[key], value, rtol=1e-4, name=key)
+    losses, reference_losses = _train_losses(model_dir), _train_losses(reference_dir)
+    assert losses.keys() == reference_losses.keys() and len(losses) >= 8
+    for step, loss in reference_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    results = json.load(open(os.path.join(model_dir, "results.json")))
+    expected = json.load(open(os.path.join(reference_dir, "results.json")))
+    for entry, want in zip(results["validation"], expected["validation"], strict=True):
+        assert entry["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert entry["accuracy"] == want["accuracy"]
+    for key in ("accuracy", "ensemble_accuracy", "best_epoch", "ensemble_epochs",
+                "tasks"):
+        assert results["test"][key] == expected["test"][key], key
+
+
+def test_mirrored_cli_trains_resumes_and_matches_one_device(finished_run, tmp_path):
+    model_dir = str(tmp_path / "mirrored")
+    flags = ("--strategy=mirrored", "--cpu_replicas=2")
+    process = run_job(model_dir, *flags, wait=False)
+    marker = os.path.join(model_dir, "checkpoints", "latest", "checkpoint")
+    deadline = time.time() + TIMEOUT_S
+    while (not os.path.exists(marker) and process.poll() is None and
+           time.time() < deadline):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert os.path.exists(marker) and not os.path.exists(
+        os.path.join(model_dir, "results.json"))
+    code, stdout, stderr = run_job(model_dir, *flags)
+    assert code == 0, stderr[-3000:]
+    assert "Resumed from" in stderr
+    assert _results_table(stdout) == _results_table(finished_run[1])
+    _assert_matches_one_device(model_dir, finished_run[0])
+
+
+# ------------------------------------------------------------- multi-worker
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _run_two_workers(tmp_path, model_dir: str) -> list[str]:
+    """Runs the TINY job on two workers on loopback; checks both exit 0; their stdout.
+
+    Each worker runs under tests/distributed_helper.py, which logs its file
+    writes to `writes<index>.json`. Both are killed after `TIMEOUT_S`.
+    """
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    processes = []
+    for index in range(2):
+        task = json.dumps(dict(cluster=cluster, task=dict(type="worker", index=index)))
+        command = [
+            sys.executable, HELPER, "train",
+            str(tmp_path / f"writes{index}.json"), f"--model_dir={model_dir}", *TINY,
+            "--strategy=multi_worker"
+        ]
+        with open(tmp_path / f"worker{index}.out", "w") as out, open(
+                tmp_path / f"worker{index}.err", "w") as err:
+            processes.append(
+                subprocess.Popen(command,
+                                 cwd=ROOT,
+                                 env=_env(TF_CONFIG=task),
+                                 stdout=out,
+                                 stderr=err))
+    deadline = time.time() + TIMEOUT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for index, process in enumerate(processes):
+        stderr = (tmp_path / f"worker{index}.err").read_text()
+        assert process.returncode == 0, f"worker {index}: {stderr[-3000:]}"
+    return [(tmp_path / f"worker{index}.out").read_text() for index in range(2)]
+
+
+def test_two_workers_match_one_process_and_only_the_chief_writes(
+        finished_run, tmp_path):
+    model_dir = str(tmp_path / "multi_worker")
+    outputs = _run_two_workers(tmp_path, model_dir)
+    # Both workers tested the same (chief-written) models on all tasks.
+    assert _results_table(outputs[0]) == _results_table(outputs[1]) == _results_table(
+        finished_run[1])
+    writes = [json.load(open(tmp_path / f"writes{index}.json")) for index in range(2)]
+
+    def inside(write: dict) -> bool:
+        return write["path"].startswith(os.path.abspath(model_dir) + os.sep)
+
+    chief = {write["kind"] for write in writes[0] if inside(write)}
+    assert chief == {"checkpoint", "json", "summary"}
+    # The other worker took part in every save, in a temporary directory it removed.
+    assert not any(inside(write) for write in writes[1])
+    temporary = [write["path"] for write in writes[1]]
+    assert {write["kind"] for write in writes[1]} == {"checkpoint"}
+    assert len(temporary) == sum(write["kind"] == "checkpoint" for write in writes[0])
+    assert not any(os.path.exists(os.path.dirname(path)) for path in temporary)
+    _assert_matches_one_device(model_dir, finished_run[0])
