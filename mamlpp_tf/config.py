@@ -104,6 +104,7 @@ class LearnerConfig:
 DATASETS = ("omniglot", "mini_imagenet", "synthetic")
 OMNIGLOT_SPLITS = ("paper", "background_evaluation")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,8 @@ class RunConfig:
       cpu_replicas: Split the CPU into this many logical devices (testing the
         distributed path without GPUs); 0 = off.
       checkpoint_every: Iterations between mid-epoch checkpoints.
+      nan_policy: On a non-finite meta-loss or gradient (never applied):
+        `"stop"` the run, or `"skip"` the update and go on.
     """
     learner: LearnerConfig
     dataset: str = "omniglot"
@@ -153,6 +156,7 @@ class RunConfig:
     strategy: str = "default"
     cpu_replicas: int = 0
     checkpoint_every: int = 100
+    nan_policy: str = "stop"
 
     def __post_init__(self):
         checks = [
@@ -174,6 +178,7 @@ class RunConfig:
             (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
             (self.cpu_replicas >= 0, "cpu_replicas", "must be >= 0"),
             (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
+            (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
         ]
         for ok, field, message in checks:
             if not ok:

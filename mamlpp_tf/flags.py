@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mamlpp_tf.config import (DATASETS, OMNIGLOT_SPLITS, STRATEGIES, TASK_IMPLS,
+from mamlpp_tf.config import (DATASETS, NAN_POLICIES, OMNIGLOT_SPLITS, STRATEGIES, TASK_IMPLS,
                               LearnerConfig, RunConfig)
 from mamlpp_tf.layers import BN_POLICIES
 
@@ -96,6 +96,10 @@ flags.DEFINE_string("model_dir", None,
                     "results.json. Re-running the same command resumes.")
 flags.DEFINE_integer("checkpoint_every", 100, "Iterations between mid-epoch checkpoints.",
                      lower_bound=1)
+flags.DEFINE_enum("nan_policy", "stop", NAN_POLICIES,
+                  "A NaN/Inf meta-loss or meta-gradient is never applied. stop: end the run "
+                  "naming the iteration and the last good checkpoint; skip: drop that "
+                  "update and go on (counted in TensorBoard and results.json).")
 flags.DEFINE_boolean("override_config", False,
                      "Resume a --model_dir created with other flags anyway, recording the "
                      "new ones (by default such a resume is refused with the differences).")
@@ -160,7 +164,8 @@ def run_config_from_flags() -> RunConfig:
         val_tasks=FLAGS.val_tasks, test_tasks=FLAGS.test_tasks,
         ensemble_top_k=FLAGS.ensemble_top_k, seed=FLAGS.seed, val_seed=FLAGS.val_seed,
         model_dir=FLAGS.model_dir, strategy=FLAGS.strategy,
-        cpu_replicas=FLAGS.cpu_replicas, checkpoint_every=FLAGS.checkpoint_every)
+        cpu_replicas=FLAGS.cpu_replicas, checkpoint_every=FLAGS.checkpoint_every,
+        nan_policy=FLAGS.nan_policy)
 
 
 def _image_shape(dataset: str) -> tuple[int, int, int]:

@@ -269,7 +269,9 @@ class MamlPlusPlus:
           epoch: Integer epoch `iteration // iterations_per_epoch`.
 
         Returns:
-          `{"loss", "accuracy"}`: meta-loss and query accuracy of the batch.
+          `{"loss", "accuracy", "applied"}`: meta-loss and query accuracy of the
+          batch, and whether the update was applied (False when the loss or a
+          gradient was not finite: then no variable changed).
 
         Raises:
           RuntimeError: if called inside a non-default `strategy.scope()`.
@@ -339,14 +341,28 @@ class MamlPlusPlus:
                 """Every replica holds the same value; this worker's first copy."""
                 return strategy.experimental_local_results(value)[0]
 
-            self.optimizer.apply_gradients(zip(self._clip([reduced(g) for g in grads]),
-                                               variables))
-            self._update_running_stats([
-                (inner_step, [BatchMoments(reduced(mean), reduced(variance), count)
-                              for (mean, variance), count in zip(pass_moments, counts)])
-                for (inner_step, counts), pass_moments in zip(layout, moments)
-            ])
-            return dict(loss=reduced(loss), accuracy=reduced(accuracy))
+            grads = [reduced(g) for g in grads]
+            loss = reduced(loss)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x))
+                                    for x in [loss] + grads])
+
+            def update() -> tf.Tensor:
+                # Identities move every gradient into this branch's graph (Keras'
+                # all-reduce rejects a mix of branch and captured tensors).
+                clipped = [tf.identity(g) for g in self._clip(grads)]
+                self.optimizer.apply_gradients(zip(clipped, variables))
+                self._update_running_stats([
+                    (inner_step, [BatchMoments(reduced(mean), reduced(variance), count)
+                                  for (mean, variance), count in zip(pass_moments, counts)])
+                    for (inner_step, counts), pass_moments in zip(layout, moments)
+                ])
+                return tf.constant(True)
+
+            # A non-finite loss or gradient never reaches a variable (the
+            # optimiser's counter and slots included); the caller decides
+            # whether to stop or to go on with the next meta-batch.
+            applied = tf.cond(finite, update, lambda: tf.constant(False))
+            return dict(loss=loss, accuracy=reduced(accuracy), applied=applied)
 
         return tf.function(step, jit_compile=step_jit)
 

@@ -33,7 +33,8 @@ from mamlpp_tf.learner import MamlPlusPlus
 
 # Fields that may differ between the run that created a model_dir and a resumed
 # one: where the data lives and how often to checkpoint do not change results.
-_RESUMABLE_FIELDS = ("data_dir", "download", "checkpoint_every", "model_dir")
+_RESUMABLE_FIELDS = ("data_dir", "download", "checkpoint_every", "model_dir",
+                     "nan_policy")
 
 
 def write_json_atomic(path: str, value: Any) -> None:
@@ -148,9 +149,16 @@ class RunDir:
 
     # ------------------------------------------------------------ checkpoints
 
-    def latest_manager(self, learner: MamlPlusPlus) -> tf.train.CheckpointManager:
-        """Manager of the full training state (two kept, so one can fall back)."""
-        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+    def latest_manager(self, learner: MamlPlusPlus,
+                       counters: dict[str, tf.Variable] | None = None
+                       ) -> tf.train.CheckpointManager:
+        """Manager of the full training state (two kept, so one can fall back).
+
+        Args:
+          learner: Its model, LSLR and optimizer are saved.
+          counters: Extra progress variables saved alongside (e.g. iteration).
+        """
+        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items(), **(counters or {}))
         return tf.train.CheckpointManager(checkpoint, self.latest_dir, max_to_keep=2)
 
     def epoch_path(self, epoch: int) -> str:
@@ -242,5 +250,8 @@ class RunLock:
 
 def top_epochs(history: list[dict], k: int) -> list[int]:
     """The `k` epochs with the best validation accuracy (ties: the earlier epoch)."""
-    ranked = sorted(history, key=lambda entry: (-entry["accuracy"], entry["epoch"]))
+    # A NaN accuracy (a diverged model) ranks last, never "best".
+    ranked = sorted(history, key=lambda entry: (
+        -entry["accuracy"] if entry["accuracy"] == entry["accuracy"] else float("inf"),
+        entry["epoch"]))
     return [entry["epoch"] for entry in ranked[:k]]

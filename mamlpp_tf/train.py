@@ -36,6 +36,10 @@ from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 
 
+# Test hook: 1-based meta-iteration whose support images are made NaN.
+INJECT_NAN_ENV = "MAMLPP_TF_INJECT_NAN_AT"
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
@@ -112,9 +116,13 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
         return finished
     sets = experiment.load_class_sets(config)
     learner = experiment.build_learner(config, strategy)
-    manager = run.latest_manager(learner)
+    # Progress is counted apart from the optimiser: a skipped (non-finite)
+    # update still consumes its meta-batch of the task stream.
+    counters = {name: tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+                for name in ("iteration", "skipped_updates")}
+    manager = run.latest_manager(learner, counters)
     _restore_latest(manager)
-    iteration = int(learner.iterations.numpy())
+    iteration = int(counters["iteration"].numpy())
     per_epoch = config.learner.iterations_per_epoch
     total = config.learner.epochs * per_epoch
     # Epoch-end checkpoints are written after validation, so every epoch before
@@ -126,8 +134,11 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
     writers = {name: tf.summary.create_file_writer(os.path.join(run.tensorboard_dir, name))
                for name in ("train", "val")} if chief else {}
     if iteration < total:
-        tasks = distribute.distribute_dataset(
-            strategy, experiment.train_tasks(config, sets["train"], iteration))
+        tasks = experiment.train_tasks(config, sets["train"], iteration)
+        poison_at = int(os.environ.get(INJECT_NAN_ENV, "0"))
+        if poison_at > iteration:
+            tasks = _poison(tasks, poison_at - iteration - 1)
+        tasks = distribute.distribute_dataset(strategy, tasks)
         # A live bar on a terminal; one line per epoch in log files.
         progress = keras.utils.Progbar(total, unit_name="meta-iteration",
                                        verbose=1 if sys.stdout.isatty() else 2,
@@ -137,9 +148,13 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
                 epoch = iteration // per_epoch
                 metrics = learner.train_step(batch, epoch)
                 iteration += 1
+                if not bool(metrics["applied"]):
+                    _non_finite(config, manager, iteration, counters)
+                counters["iteration"].assign(iteration)
                 if on_iteration is not None:
                     on_iteration(iteration)
-                values = {k: float(v) for k, v in metrics.items()}
+                values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
+                values["skipped_updates"] = float(counters["skipped_updates"].numpy())
                 progress.update(iteration, [("loss", values["loss"]),
                                             ("accuracy", values["accuracy"]),
                                             ("epoch", epoch)])
@@ -159,6 +174,7 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
     results = evaluation.run_test(config, run, learner, sets["test"], history, strategy)
     results.update(validation=history, config=config.to_dict(), seeds=_seeds(config),
                    versions=_versions(), iterations=total,
+                   skipped_updates=int(counters["skipped_updates"].numpy()),
                    wall_time_s=round(time.time() - start_time, 1))
     if chief:
         run.write_results(results)
@@ -190,6 +206,39 @@ def _restore_latest(manager: tf.train.CheckpointManager) -> None:
                          f"({', '.join(candidates)}); move them away to start afresh")
 
 
+class NonFiniteUpdate(Exception):
+    """A meta-step produced a NaN/Inf loss or gradient under `--nan_policy=stop`."""
+
+
+def _non_finite(config: RunConfig, manager: tf.train.CheckpointManager, iteration: int,
+                counters: dict[str, tf.Variable]) -> None:
+    """Applies `--nan_policy` to a meta-step whose update was withheld.
+
+    Raises:
+      NonFiniteUpdate: under the `stop` policy, naming the iteration and the
+        last good checkpoint.
+    """
+    if config.nan_policy == "stop":
+        raise NonFiniteUpdate(
+            f"non-finite meta-loss or meta-gradient at iteration {iteration}; no update was "
+            f"applied; last good checkpoint: {manager.latest_checkpoint or 'none yet'} "
+            "(--nan_policy=skip goes on past such batches)")
+    counters["skipped_updates"].assign_add(1)
+    logging.warning("Skipped the non-finite update of iteration %d (%d skipped so far).",
+                    iteration, int(counters["skipped_updates"].numpy()))
+
+
+def _poison(tasks: tf.data.Dataset, index: int) -> tf.data.Dataset:
+    """Test hook: makes the support images of meta-batch `index` NaN."""
+
+    def maybe_poison(position, batch):
+        support_x = tf.where(position == index, tf.fill(tf.shape(batch[0]), float("nan")),
+                             batch[0])
+        return (support_x,) + tuple(batch[1:])
+
+    return tasks.enumerate().map(maybe_poison)
+
+
 def _save(manager: tf.train.CheckpointManager, iteration: int, chief: bool) -> None:
     """The chief checkpoints the training state; other workers only take part."""
     if chief:
@@ -213,9 +262,9 @@ def _end_epoch(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
         # that ranks it, then the training state that marks the epoch done.
         run.save_epoch(learner, epoch)
         run.write_history(history + [entry])
-        manager.save(checkpoint_number=int(learner.iterations.numpy()))
+        manager.save(checkpoint_number=int(manager.checkpoint.iteration.numpy()))
         run.prune_epochs(runs.top_epochs(history + [entry], config.ensemble_top_k))
-        _epoch_summaries(writers, learner, config, entry, int(learner.iterations.numpy()))
+        _epoch_summaries(writers, learner, config, entry, int(manager.checkpoint.iteration.numpy()))
     else:  # The same saves as the chief's, in the same order.
         distribute.write_as_non_chief(
             tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr))
@@ -230,6 +279,7 @@ def _train_summaries(writer, learner: MamlPlusPlus, values: dict, iteration: int
         tf.summary.scalar("loss", values["loss"])
         tf.summary.scalar("accuracy", values["accuracy"])
         tf.summary.scalar("meta_lr", float(learner.optimizer.learning_rate))
+        tf.summary.scalar("skipped_updates", values["skipped_updates"])
 
 
 def _epoch_summaries(writers: dict, learner: MamlPlusPlus, config: RunConfig, entry: dict,
@@ -277,6 +327,9 @@ def main(argv: list[str]) -> None:
         tf.config.experimental.enable_op_determinism()
         results = train(config, log_every=run_flags.FLAGS.log_every,
                         override_config=run_flags.FLAGS.override_config)
+    except NonFiniteUpdate as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
     except Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)

@@ -51,11 +51,11 @@ TINY = [
 ]
 
 
-def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True):
+def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True, env=None):
     """Runs an entry point on the TINY synthetic config; returns (code, stdout, stderr)."""
     command = [sys.executable, "-m", module, f"--model_dir={model_dir}"]
     command += ([] if module != "mamlpp_tf.train" else TINY) + list(extra)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     if not wait:

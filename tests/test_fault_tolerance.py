@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import random
+import shutil
 import signal
 import time
 
@@ -73,3 +75,55 @@ def test_override_config_resumes_with_recorded_new_flags(tmp_path):
     assert code == 0, stderr[-3000:]
     assert "top-1 ensemble" in stdout
     assert json.load(open(os.path.join(model_dir, "config.json")))["ensemble_top_k"] == 1
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_moments_loses_nothing(finished_run, tmp_path):
+    """Kills land anywhere: start-up, tracing, training, checkpoint writes, validation, test."""
+    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
+    model_dir = str(tmp_path / "chaos")
+    rng = random.Random(20261126)
+    started = time.time()
+    code, _, stderr = run_job(str(tmp_path / "timing"))
+    assert code == 0, stderr[-3000:]
+    lifetime = time.time() - started
+    kills = 0
+    while kills < 10:
+        process = run_job(model_dir, wait=False)
+        time.sleep(rng.uniform(0.5, lifetime))
+        if process.poll() is not None:  # Finished before the kill: start over.
+            process.communicate()
+            shutil.rmtree(model_dir)
+            continue
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        kills += 1
+    code, _, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    resumed = json.load(open(os.path.join(model_dir, "results.json")))
+    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_a_nan_batch_stops_the_run_naming_iteration_and_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "nan_stop")
+    code, _, stderr = run_job(model_dir, env={"MAMLPP_TF_INJECT_NAN_AT": "5"})
+    assert code == 3, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "iteration 5" in lines[0] and "ckpt-3" in lines[0], lines
+    assert "Traceback" not in stderr
+    assert not os.path.exists(os.path.join(model_dir, "results.json"))
+
+
+def test_nan_policy_skip_finishes_and_counts_the_skip(finished_run, tmp_path):
+    model_dir = str(tmp_path / "nan_skip")
+    code, _, stderr = run_job(model_dir, "--nan_policy=skip",
+                              env={"MAMLPP_TF_INJECT_NAN_AT": "5"})
+    assert code == 0, stderr[-3000:]
+    results = json.load(open(os.path.join(model_dir, "results.json")))
+    assert results["skipped_updates"] == 1
+    assert all(entry["loss"] == entry["loss"] for entry in results["validation"])  # No NaN.
+    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
+    assert reference["skipped_updates"] == 0
+    # One withheld update changes the trajectory: the runs differ.
+    assert results["validation"] != reference["validation"]
