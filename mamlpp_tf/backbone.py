@@ -26,6 +26,8 @@ from mamlpp_tf.layers import PerStepBatchNorm, batch_moments
 
 LEAKY_RELU_SLOPE = 0.01  # PyTorch's F.leaky_relu default, used by the official net.
 POOL_IMPLS = ("max_pool", "reshape")
+# Grouped convolutions (tasks stacked on channels) have gradients only on GPUs.
+GROUPED_CONV_GRADIENTS = bool(tf.config.list_physical_devices("GPU"))
 
 
 class BatchMoments(NamedTuple):
@@ -271,9 +273,10 @@ class VGGBackbone(keras.layers.Layer):
         batch, height, width, tasks, channels = (tf.shape(x)[0], x.shape[1],
                                                  x.shape[2], x.shape[3], x.shape[4])
         out = kernels.shape[-1]
-        if x.dtype != tf.float32:
-            # TF's CPU kernels differentiate grouped convolutions only in
-            # float32 (oneDNN); other dtypes convolve task by task.
+        if x.dtype != tf.float32 or not GROUPED_CONV_GRADIENTS:
+            # TF differentiates grouped convolutions only on GPUs (its CPU
+            # kernels refuse: "Gradients for grouped convolutions are not
+            # supported on CPU"), so elsewhere the tasks convolve one by one.
             y = tf.stack([self._conv(x[:, :, :, t], kernels[t]) for t in range(tasks)],
                          axis=3)
             return y

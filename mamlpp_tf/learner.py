@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from mamlpp_tf import schedules
+from mamlpp_tf import backbone as backbone_lib
 from mamlpp_tf.backbone import BatchMoments, VGGBackbone
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.layers import PerStepLearningRates
@@ -35,8 +36,9 @@ Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
 PassRecord = tuple[int, list[BatchMoments]]
 
-# Query images per task above which the per-task loop beats task batching on CPU
-# (measured with benchmarks/meta_step.py; see benchmarks/README.md).
+# Query images per task above which `auto` keeps the per-task loop even where
+# grouped convolutions are differentiable (a CPU probe found batching slower with
+# 75 queries per task); not yet measured on a GPU.
 _AUTO_BATCHED_MAX_QUERY = 40
 
 
@@ -135,7 +137,10 @@ class MamlPlusPlus:
     def _task_impl(self, query_per_task: int) -> str:
         impl = self.config.task_impl
         if impl == "auto":
-            return "batched" if query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop"
+            # Without grouped-convolution gradients (CPU) the batched layout
+            # convolves task by task and its steady-state steps are slower.
+            return ("batched" if backbone_lib.GROUPED_CONV_GRADIENTS and
+                    query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop")
         return impl
 
     def run_tasks(self, batch: Batch, *, num_steps: int, training: bool,
