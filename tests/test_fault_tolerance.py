@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import tensorflow as tf
 
 from conftest import comparable, run_job
 from mamlpp_tf import runs
@@ -17,14 +18,20 @@ from mamlpp_tf import runs
 def kill_after_checkpoints(model_dir, count):
     """Starts the TINY run and SIGKILLs it once `count` latest checkpoints exist."""
     process = run_job(model_dir, wait=False)
-    pattern = os.path.join(model_dir, "checkpoints", "latest", "ckpt-*.index")
+    latest = os.path.join(model_dir, "checkpoints", "latest")
+
+    def listed():
+        # The manager's state file, not the files on disk: a checkpoint counts
+        # once a restore would consider it.
+        state = tf.train.get_checkpoint_state(latest) if os.path.isdir(latest) else None
+        return list(state.all_model_checkpoint_paths) if state else []
+
     deadline = time.time() + 300
-    while (len(glob.glob(pattern)) < count and process.poll() is None and
-           time.time() < deadline):
+    while len(listed()) < count and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    return sorted(glob.glob(pattern), key=lambda p: int(p.split("-")[-1].split(".")[0]))
+    return [os.path.join(latest, os.path.basename(p)) + ".index" for p in listed()]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path):
