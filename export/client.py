@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 
-from absl import app
 from absl import flags
 
 from export import serving_requests
@@ -45,36 +44,26 @@ flags.mark_flag_as_required("model_name")
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
-    try:
-        if FLAGS.support is not None:
-            if not FLAGS.query or FLAGS.images:
-                raise ValueError("--support needs --query (the images to classify) and "
-                                 "excludes --images")
-            inputs, class_names = serving_requests.meta_inputs(
-                FLAGS.support, FLAGS.query)
-            files = FLAGS.query
-        elif FLAGS.images and not FLAGS.query:
-            inputs, class_names = serving_requests.task_inputs(FLAGS.images), None
-            files = FLAGS.images
-        else:
-            raise ValueError("give --images (task model) or --support and --query "
-                             "(meta-model)")
-        if FLAGS.print_request:
-            body = serving_requests.rest_body(serving_requests.ENCODED_SIGNATURE,
-                                              inputs)
-            print(json.dumps(body, indent=1))
-            return
-        outputs = serving_requests.predict(FLAGS.protocol, FLAGS.server,
-                                           FLAGS.model_name, inputs,
-                                           FLAGS.model_version, FLAGS.timeout_s)
-    except (ValueError, OSError, ImportError, serving_requests.ServingError) as error:
-        cli.exit_on_user_error(error)
-    print(serving_requests.format_predictions(files, outputs, class_names))
+def _predict() -> str | None:
+    if FLAGS.support is not None:
+        if not FLAGS.query or FLAGS.images:
+            raise ValueError("--support needs --query (the images to classify) and "
+                             "excludes --images")
+        inputs, class_names = serving_requests.meta_inputs(FLAGS.support, FLAGS.query)
+        files = FLAGS.query
+    elif FLAGS.images and not FLAGS.query:
+        inputs, class_names = serving_requests.task_inputs(FLAGS.images), None
+        files = FLAGS.images
+    else:
+        raise ValueError("give --images (task model) or --support and --query (meta-model)")
+    if FLAGS.print_request:
+        body = serving_requests.rest_body(serving_requests.ENCODED_SIGNATURE, inputs)
+        return json.dumps(body, indent=1)
+    outputs = serving_requests.predict(FLAGS.protocol, FLAGS.server, FLAGS.model_name, inputs,
+                                       FLAGS.model_version, FLAGS.timeout_s)
+    return serving_requests.format_predictions(files, outputs, class_names)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_predict, user_errors=(ValueError, OSError, ImportError,
+                                   serving_requests.ServingError))

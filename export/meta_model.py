@@ -12,7 +12,6 @@ version folder. See `export.saved_models`.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from export import saved_models
@@ -30,17 +29,9 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
-    try:
-        path = saved_models.export_meta_model(FLAGS.model_dir, FLAGS.export_dir,
-                                              FLAGS.epoch)
-    except (ValueError, FileNotFoundError) as error:
-        cli.exit_on_user_error(error)
-    print(path)
+def _export() -> str:
+    return str(saved_models.export_meta_model(FLAGS.model_dir, FLAGS.export_dir, FLAGS.epoch))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_export)

@@ -13,7 +13,6 @@ support-set layouts.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from export import saved_models
@@ -41,18 +40,10 @@ flags.mark_flags_as_required(["model_dir", "support", "export_dir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
-    try:
-        path = saved_models.export_task_model(FLAGS.model_dir, FLAGS.support,
-                                              FLAGS.export_dir, FLAGS.epoch,
-                                              FLAGS.bn_stats)
-    except (ValueError, FileNotFoundError) as error:
-        cli.exit_on_user_error(error)
-    print(path)
+def _export() -> str:
+    return str(saved_models.export_task_model(FLAGS.model_dir, FLAGS.support,
+                                              FLAGS.export_dir, FLAGS.epoch, FLAGS.bn_stats))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_export)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
+from absl import app
 from absl import flags
 from absl import logging
 import tensorflow as tf
@@ -36,3 +37,28 @@ def exit_on_user_error(error: BaseException) -> NoReturn:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     print(f"error: {'; '.join(lines)}", file=sys.stderr)
     sys.exit(2)
+
+
+def run(body: Callable[[], str | None],
+        user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+        ) -> None:
+    """Runs an entry point: flags parsed with one-line errors, quiet TF logs, user errors.
+
+    Args:
+      body: Does the work from the parsed flags; returns the text to print (or None).
+      user_errors: Exceptions that mean bad flags, files or data: reported in one
+        line with exit status 2 instead of a traceback.
+    """
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        quiet_tensorflow_logs()
+        try:
+            text = body()
+        except user_errors as error:
+            exit_on_user_error(error)
+        if text is not None:
+            print(text)
+
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -10,10 +10,8 @@ writes `<model_dir>/evaluation.json`; `results.json` is left as training wrote i
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
-from mamlpp_tf import data
 from mamlpp_tf import cli
 from mamlpp_tf import evaluation
 
@@ -32,17 +30,11 @@ flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
-    try:
-        results = evaluation.evaluate_run(FLAGS.model_dir, FLAGS.data_dir,
-                                          FLAGS.ensemble_top_k, FLAGS.test_tasks)
-    except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as error:
-        cli.exit_on_user_error(error)
-    print(evaluation.format_results(results))
+def _evaluate() -> str:
+    results = evaluation.evaluate_run(FLAGS.model_dir, FLAGS.data_dir, FLAGS.ensemble_top_k,
+                                      FLAGS.test_tasks)
+    return evaluation.format_results(results)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_evaluate)

@@ -12,7 +12,6 @@ and never needs the dataset; several `--model_dir`s overlay their curves.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from mamlpp_tf import cli
@@ -27,16 +26,9 @@ flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
-    try:
-        path = reporting.write_report(FLAGS.model_dir, FLAGS.out)
-    except (ValueError, FileNotFoundError) as error:
-        cli.exit_on_user_error(error)
-    print(path)
+def _report() -> str:
+    return str(reporting.write_report(FLAGS.model_dir, FLAGS.out))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_report)

@@ -18,7 +18,6 @@ import sys
 import time
 from typing import Callable
 
-from absl import app
 from absl import logging
 import keras
 import numpy as np
@@ -318,13 +317,10 @@ def _versions() -> dict:
                 numpy=np.__version__, python=platform.python_version())
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_tensorflow_logs()
+def _train() -> str:
+    config = run_flags.run_config_from_flags()
+    tf.config.experimental.enable_op_determinism()
     try:
-        config = run_flags.run_config_from_flags()
-        tf.config.experimental.enable_op_determinism()
         results = train(config, log_every=run_flags.FLAGS.log_every,
                         override_config=run_flags.FLAGS.override_config)
     except NonFiniteUpdate as error:
@@ -333,10 +329,8 @@ def main(argv: list[str]) -> None:
     except Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)
-    except (ValueError, data.DatasetNotFoundError) as error:
-        cli.exit_on_user_error(error)
-    print(evaluation.format_results(results))
+    return evaluation.format_results(results)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags_or_exit)
+    cli.run(_train)
