@@ -1,5 +1,6 @@
 """Shared fixtures: quiet TF logs, deterministic seeds, tiny learners and batches."""
 
+import json
 import os
 import subprocess
 import sys
@@ -64,8 +65,14 @@ def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True, env=None):
     return process.returncode, stdout, stderr
 
 
-def comparable(results):
-    """results.json without what legitimately differs between runs (wall time)."""
+def comparable_results(model_dir):
+    """A run's results.json without what legitimately differs between runs.
+
+    Wall time differs, and so does the run directory recorded in the config.
+    """
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    results["config"]["model_dir"] = None
     return {k: v for k, v in results.items() if k != "wall_time_s"}
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import comparable, run_job
+from conftest import comparable_results, run_job
 from mamlpp_tf import runs
 
 
@@ -47,10 +47,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished_run
     warning = [l for l in stderr.splitlines() if "is damaged" in l]
     assert warning and os.path.basename(newest) in warning[0]
     assert os.path.basename(indexes[-2][:-len(".index")]) in warning[0]
-    resumed = json.load(open(os.path.join(model_dir, "results.json")))
-    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
-    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
-    assert comparable(resumed) == comparable(reference)
+    assert comparable_results(model_dir) == comparable_results(finished_run[0])
 
 
 def test_a_second_process_on_the_same_model_dir_is_refused(tmp_path):
@@ -87,7 +84,6 @@ def test_override_config_resumes_with_recorded_new_flags(tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_ten_random_moments_loses_nothing(finished_run, tmp_path):
     """Kills land anywhere: start-up, tracing, training, checkpoint writes, validation, test."""
-    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
     model_dir = str(tmp_path / "chaos")
     rng = random.Random(20261126)
     started = time.time()
@@ -107,9 +103,7 @@ def test_sigkill_at_ten_random_moments_loses_nothing(finished_run, tmp_path):
         kills += 1
     code, _, stderr = run_job(model_dir)
     assert code == 0, stderr[-3000:]
-    resumed = json.load(open(os.path.join(model_dir, "results.json")))
-    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
-    assert comparable(resumed) == comparable(reference)
+    assert comparable_results(model_dir) == comparable_results(finished_run[0])
 
 
 def test_a_nan_batch_stops_the_run_naming_iteration_and_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, comparable, run_job
+from conftest import ROOT, comparable_results, run_job
 from mamlpp_tf import evaluation
 from mamlpp_tf import flags as run_flags
 
@@ -79,10 +79,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_results(finished_run, tmp
     assert not os.path.exists(os.path.join(model_dir, "results.json"))
     code, _, stderr = run_job(model_dir)
     assert code == 0, stderr[-3000:]
-    resumed = json.load(open(os.path.join(model_dir, "results.json")))
-    reference = json.load(open(os.path.join(finished_run[0], "results.json")))
-    resumed["config"]["model_dir"] = reference["config"]["model_dir"]
-    assert comparable(resumed) == comparable(reference)
+    assert comparable_results(model_dir) == comparable_results(finished_run[0])
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
