@@ -36,10 +36,13 @@ Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
 PassRecord = tuple[int, list[BatchMoments]]
 
-# Query images per task above which `auto` keeps the per-task loop even where
-# grouped convolutions are differentiable (a CPU probe found batching slower with
-# 75 queries per task); not yet measured on a GPU.
-_AUTO_BATCHED_MAX_QUERY = 40
+# Query images per task up to which `auto` batches tasks: per meta-iteration on a
+# 2-core CPU (benchmarks/README.md), batching was 8% faster with 5 queries
+# (Omniglot 5-way) and the per-task loop 19% faster with 20 (Omniglot 20-way)
+# and 3% with 75 (mini-ImageNet). Batching always traced faster (14-16 s vs
+# 24-67 s) and, with 75 queries, peaked 1.5 GB lower; pass task_impl="batched"
+# where that matters more than step time.
+_AUTO_BATCHED_MAX_QUERY = 10
 
 
 def _cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -137,10 +140,7 @@ class MamlPlusPlus:
     def _task_impl(self, query_per_task: int) -> str:
         impl = self.config.task_impl
         if impl == "auto":
-            # Without grouped-convolution gradients (CPU) the batched layout
-            # convolves task by task and its steady-state steps are slower.
-            return ("batched" if backbone_lib.GROUPED_CONV_GRADIENTS and
-                    query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop")
+            return "batched" if query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop"
         return impl
 
     def run_tasks(self, batch: Batch, *, num_steps: int, training: bool,
