@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 import keras
 import tensorflow as tf
 
-from mamlpp_tf.layers import PerStepBatchNorm, batch_moments
+from mamlpp_tf.layers import PerStepBatchNorm
 
 LEAKY_RELU_SLOPE = 0.01  # PyTorch's F.leaky_relu default, used by the official net.
 POOL_IMPLS = ("max_pool", "reshape")
@@ -220,9 +220,10 @@ class VGGBackbone(keras.layers.Layer):
         moments = []
         for i, norm in enumerate(self.norms):
             x = self._conv(x, params[f"conv{i}/kernel"]) + params[f"conv{i}/bias"]
-            mean, variance = batch_moments(x, (0, 1, 2))
-            moments.append(BatchMoments(mean, variance, _count(x, (0, 1, 2))))
-            x = _leaky_relu(norm(x, step=step, training=training))
+            count = _count(x, (0, 1, 2))
+            x, mean, variance = norm.normalize(x, step=step, training=training)
+            moments.append(BatchMoments(mean, variance, count))
+            x = _leaky_relu(x)
             if self.max_pooling:
                 x = _pool(x, self.pool_impl)
         if self.max_pooling:
@@ -268,9 +269,10 @@ class VGGBackbone(keras.layers.Layer):
             # graphs that fusion makes a cycle ("nodes in a cycle").
             x = (self._task_conv(x, params[f"conv{i}/kernel"]) +
                  params[f"conv{i}/bias"][:, None, None, None, :])
-            mean, variance = batch_moments(x, (1, 2, 3))
-            moments.append(BatchMoments(mean, variance, _count(x, (1, 2, 3))))
-            x = norm(x, step=step, training=training, axes=(1, 2, 3))
+            count = _count(x, (1, 2, 3))
+            x, mean, variance = norm.normalize(x, step=step, training=training,
+                                               axes=(1, 2, 3))
+            moments.append(BatchMoments(mean, variance, count))
             if self.max_pooling:
                 x = _pool(tf.reshape(x, [-1] + x.shape[2:].as_list()), self.pool_impl)
                 x = tf.reshape(x, [tasks, batch] + x.shape[1:].as_list())

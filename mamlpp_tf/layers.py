@@ -16,24 +16,29 @@ import tensorflow as tf
 BN_POLICIES = ("batch", "running")
 
 
-def batch_moments(x: tf.Tensor, axes: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mean and biased variance of `x` over `axes`, differentiable twice.
+def batch_moments(x: tf.Tensor, axes: Sequence[int]
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Mean, biased variance and centred input of `x` over `axes`, differentiable twice.
 
     `tf.nn.moments` stops the gradient through the mean inside the variance,
     which keeps first derivatives right but makes the second derivatives that
     second-order MAML needs wrong. Computing `mean(square(x - mean))` keeps the
-    whole dependency in the graph.
+    whole dependency in the graph. The centred input is returned so that
+    normalisation reuses it: one full-size tensor instead of two, in the
+    forward pass and in what the gradients keep.
 
     Args:
         x: Input tensor.
         axes: Axes to reduce.
 
     Returns:
-        `(mean, variance)` with the reduced axes removed.
+        `(mean, variance, centred)`: mean and variance keep the reduced axes
+        (size 1), `centred = x - mean`.
     """
     mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
-    return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    centred = x - mean
+    variance = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
+    return mean, variance, centred
 
 
 @keras.saving.register_keras_serializable(package="mamlpp_tf")
@@ -149,17 +154,41 @@ class PerStepBatchNorm(keras.layers.Layer):
         Returns:
             The normalised, scaled and shifted tensor.
         """
+        return self.normalize(x, step=step, training=training, axes=axes)[0]
+
+    def normalize(self,
+                  x: tf.Tensor,
+                  *,
+                  step: int,
+                  training: bool | None,
+                  axes: Sequence[int] | None = None
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`call`, also returning the batch moments of `x` for `update_running_stats`.
+
+        The network calls this directly, so that the moments it records and
+        the ones it normalises with are one computation.
+
+        Args:
+            x: Activations `[..., C]`.
+            step: Inner step (Python int) selecting the per-step row.
+            training: As in `call`.
+            axes: As in `call`.
+
+        Returns:
+            `(normalised x, batch mean, biased batch variance)`, the moments
+            with `axes` removed (e.g. `[C]`, or `[T, C]` for `axes=(1, 2, 3)`).
+        """
         axes = tuple(range(x.shape.rank - 1)) if axes is None else tuple(axes)
         gamma, beta = self._row(self.gamma, step), self._row(self.beta, step)
+        mean, variance, centred = batch_moments(x, axes)
         if self.policy == "running" and not training:
-            mean, variance = (self._row(self.running_mean,
-                                        step), self._row(self.running_var, step))
+            centred = x - self._row(self.running_mean, step)
+            scale = tf.math.rsqrt(self._row(self.running_var, step) + self.epsilon)
         else:
-            mean, variance = batch_moments(x, axes)
-            for axis in sorted(axes):
-                mean, variance = tf.expand_dims(mean,
-                                                axis), tf.expand_dims(variance, axis)
-        return (x - mean) * tf.math.rsqrt(variance + self.epsilon) * gamma + beta
+            scale = tf.math.rsqrt(variance + self.epsilon)
+        # Scale and gamma meet at the statistics' size before touching `x`.
+        normalised = centred * (scale * gamma) + beta
+        return normalised, tf.squeeze(mean, axes), tf.squeeze(variance, axes)
 
     def update_running_stats(self, step: int, mean: tf.Tensor, variance: tf.Tensor,
                              count: int | tf.Tensor) -> None:
