@@ -40,7 +40,10 @@ class LearnerConfig:
       grad_clip: Element-wise clip of network gradients (not LSLR), 0 = off.
       adam_epsilon: Adam's epsilon (Keras convention, see README).
       task_impl: `"loop"` (tasks one after another, the reference),
-        `"batched"` (tasks stacked through grouped convolutions) or `"auto"`.
+        `"batched"` (all tasks through the network together, each with its
+        own weights and batch statistics) or `"auto"` (batched for tasks of
+        at most 40 query images, where it is faster; see
+        benchmarks/README.md).
       jit_compile: Compile the steps with XLA.
       dtype: Variable and compute dtype (`"float32"`; `"float64"` for tests).
     """

@@ -27,7 +27,6 @@ import numpy as np
 import tensorflow as tf
 
 from mamlpp_tf import schedules
-from mamlpp_tf import backbone as backbone_lib
 from mamlpp_tf.backbone import BatchMoments, VGGBackbone
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.layers import PerStepLearningRates
@@ -36,13 +35,24 @@ Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
 PassRecord = tuple[int, list[BatchMoments]]
 
-# Query images per task up to which `auto` batches tasks: per meta-iteration on a
-# 2-core CPU (benchmarks/README.md), batching was 8% faster with 5 queries
-# (Omniglot 5-way) and the per-task loop 19% faster with 20 (Omniglot 20-way)
-# and 3% with 75 (mini-ImageNet). Batching always traced faster (14-16 s vs
-# 24-67 s) and, with 75 queries, peaked 1.5 GB lower; pass task_impl="batched"
-# where that matters more than step time.
-_AUTO_BATCHED_MAX_QUERY = 10
+# Query images per task up to which `auto` batches tasks. Per second-order
+# meta-iteration on a 2-core CPU (benchmarks/README.md), batching was 18% faster
+# than the per-task loop with 5 queries per task (Omniglot 5-way) and 4% faster
+# with 20 (20-way); the loop was 7% faster with 75 (mini-ImageNet). Batching
+# always traced 1.4-4.6x faster and peaked lower in memory; pass
+# task_impl="batched" where that matters more than step time.
+_AUTO_BATCHED_MAX_QUERY = 40
+
+
+def _traced(fn: Callable, jit_compile: bool | None) -> Callable:
+    """`fn` as a `tf.function`, without AutoGraph.
+
+    The steps are straight-line Python over static shapes (their one
+    data-dependent branch is an explicit `tf.cond`), so AutoGraph has nothing
+    to convert, yet wrapping every call it makes cost 1.5–3.4 s per trace of
+    a paper-sized meta-step (benchmarks/README.md).
+    """
+    return tf.function(fn, jit_compile=jit_compile, autograph=False)
 
 
 def _cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -327,7 +337,7 @@ class MamlPlusPlus:
 
         replica_jit, step_jit = self._jit_placement()
         if replica_jit:
-            replica_grads = tf.function(replica_grads, jit_compile=True)
+            replica_grads = _traced(replica_grads, jit_compile=True)
 
         def replica_step(batch: Batch, weights: tf.Tensor):
             loss, accuracy, grads, moments = replica_grads(batch, weights)
@@ -369,7 +379,7 @@ class MamlPlusPlus:
             applied = tf.cond(finite, update, lambda: tf.constant(False))
             return dict(loss=loss, accuracy=reduced(accuracy), applied=applied)
 
-        return tf.function(step, jit_compile=step_jit)
+        return _traced(step, jit_compile=step_jit)
 
     def _jit_placement(self) -> tuple[bool, bool | None]:
         """Where XLA goes with `jit_compile`: `(per-replica computation, whole step)`.
@@ -423,7 +433,7 @@ class MamlPlusPlus:
 
         replica_jit, step_jit = self._jit_placement()
         if replica_jit:
-            replica_results = tf.function(replica_results, jit_compile=True)
+            replica_results = _traced(replica_results, jit_compile=True)
 
         def replica_step(batch: Batch) -> dict[str, tf.Tensor]:  # See `_jit_placement`.
             return replica_results(batch)
@@ -433,7 +443,7 @@ class MamlPlusPlus:
             results = strategy.run(replica_step, args=(batch,))
             return {key: strategy.gather(value, axis=0) for key, value in results.items()}
 
-        return tf.function(step, jit_compile=step_jit)
+        return _traced(step, jit_compile=step_jit)
 
     def adapt(self, support_x: tf.Tensor, support_y: tf.Tensor,
               num_steps: int | None = None) -> dict[str, tf.Tensor]:
