@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from mamlpp_tf import LearnerConfig  # pylint: disable=g-import-not-at-top
 
@@ -34,6 +35,15 @@ def random_batch(config: LearnerConfig, tasks: int = 2, k_shot: int = 2, n_query
     query_y = np.tile(np.repeat(np.arange(n), n_query), (tasks, 1)).astype(np.int32)
     return (rng.randn(tasks, n * k_shot, *shape).astype(config.dtype), support_y,
             rng.randn(tasks, n * n_query, *shape).astype(config.dtype), query_y)
+
+
+def meta_gradient(learner, batch, epoch: int = 0):
+    """`(meta-loss, [meta-gradient per trainable variable])` as numpy, zeros where unconnected."""
+    with tf.GradientTape() as tape:
+        loss = learner.meta_loss(batch, epoch)
+    grads = tape.gradient(loss, learner.trainable_variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss.numpy(), [g.numpy() for g in grads]
 
 
 @pytest.fixture(autouse=True)

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import random_batch, tiny_config
+from conftest import meta_gradient, random_batch, tiny_config
 from mamlpp_tf import MamlPlusPlus
-
-
-def meta_gradient(learner, batch, epoch):
-    with tf.GradientTape() as tape:
-        loss = learner.meta_loss(batch, epoch)
-    grads = tape.gradient(loss, learner.trainable_variables,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return loss.numpy(), [g.numpy() for g in grads]
 
 
 def directional_fd(learner, batch, epoch, direction, h=1e-5):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import random_batch, tiny_config
+from conftest import meta_gradient, random_batch, tiny_config
 from mamlpp_tf import LearnerConfig, MamlPlusPlus
 from mamlpp_tf import learner as learner_lib
 
@@ -54,15 +54,6 @@ def learner_pair(config: LearnerConfig,
                            optimizer and optimizer())
     copy_variables(loop, batched)
     return loop, batched
-
-
-def meta_gradient(learner: MamlPlusPlus, batch, epoch: int = 0):
-    with tf.GradientTape() as tape:
-        loss = learner.meta_loss(batch, epoch)
-    grads = tape.gradient(loss,
-                          learner.trainable_variables,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return loss.numpy(), [g.numpy() for g in grads]
 
 
 def assert_gradients_close(actual, expected, rtol: float) -> None:
