@@ -18,6 +18,7 @@ Two forward passes compute the same function:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import keras
@@ -81,8 +82,10 @@ class VGGBackbone(keras.layers.Layer):
       max_pooling: Max-pool after each stage (True) or strided convolutions.
       num_steps: Inner steps `S`, i.e. rows of the per-step batch norm.
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
-      bn_policy: `"batch"` or `"running"`; see `PerStepBatchNorm`.
+      bn_policy: One of `layers.BN_POLICIES`; see `PerStepBatchNorm`.
       pool_impl: `"max_pool"` or `"reshape"` (XLA-safe second derivative).
+      context_size: For an exported task model under `"tasknorm"`: the support
+        size its stored context moments come from (see `PerStepBatchNorm`).
       **kwargs: Standard layer arguments (`name`, `dtype`).
 
     Raises:
@@ -100,6 +103,7 @@ class VGGBackbone(keras.layers.Layer):
                  per_step_bn: bool = True,
                  bn_policy: str = "batch",
                  pool_impl: str = "max_pool",
+                 context_size: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         image_shape = tuple(int(d) for d in image_shape)
@@ -119,10 +123,12 @@ class VGGBackbone(keras.layers.Layer):
         self.per_step_bn = bool(per_step_bn)
         self.bn_policy = bn_policy
         self.pool_impl = pool_impl
+        self.context_size = context_size
         self.feature_shape = self._feature_shape()
         self.norms = [
             PerStepBatchNorm(num_steps, per_step=per_step_bn, policy=bn_policy,
-                             name=f"norm{i}", dtype=self.dtype_policy)
+                             context_size=context_size, name=f"norm{i}",
+                             dtype=self.dtype_policy)
             for i in range(self.num_stages)
         ]
         for i, norm in enumerate(self.norms):
@@ -204,7 +210,9 @@ class VGGBackbone(keras.layers.Layer):
                 x: tf.Tensor,
                 params: dict[str, tf.Tensor],
                 step: int,
-                training: bool) -> tuple[tf.Tensor, list[BatchMoments]]:
+                training: bool,
+                context: int | tf.Tensor | None = None
+                ) -> tuple[tf.Tensor, list[BatchMoments]]:
         """Logits of one task's images under fast weights `params`.
 
         Args:
@@ -212,6 +220,9 @@ class VGGBackbone(keras.layers.Layer):
           params: Fast weights by name (see `param_names`).
           step: Inner step selecting the per-step batch-norm row.
           training: Meta-training pass (matters for the `running` BN policy).
+          context: The first `context` images are the context set: every batch
+            norm takes its statistics from them alone (see `PerStepBatchNorm`).
+            None: from all images.
 
         Returns:
           `(logits [B, n_way], moments)`: the batch moments of each batch-norm
@@ -220,8 +231,9 @@ class VGGBackbone(keras.layers.Layer):
         moments = []
         for i, norm in enumerate(self.norms):
             x = self._conv(x, params[f"conv{i}/kernel"]) + params[f"conv{i}/bias"]
-            count = _count(x, (0, 1, 2))
-            x, mean, variance = norm.normalize(x, step=step, training=training)
+            count = _count(x, (0, 1, 2), context)
+            x, mean, variance = norm.normalize(x, step=step, training=training,
+                                               context=context)
             moments.append(BatchMoments(mean, variance, count))
             x = _leaky_relu(x)
             if self.max_pooling:
@@ -236,7 +248,9 @@ class VGGBackbone(keras.layers.Layer):
                       x: tf.Tensor,
                       params: dict[str, tf.Tensor],
                       step: int,
-                      training: bool) -> tuple[tf.Tensor, list[BatchMoments]]:
+                      training: bool,
+                      context: int | tf.Tensor | None = None
+                      ) -> tuple[tf.Tensor, list[BatchMoments]]:
         """`forward` for a stack of tasks at once; each task has its own weights.
 
         Tasks keep a leading axis through the network. Each task convolves
@@ -256,6 +270,7 @@ class VGGBackbone(keras.layers.Layer):
           params: Fast weights by name, each with a leading task axis `T`.
           step: Inner step selecting the per-step batch-norm row.
           training: Meta-training pass.
+          context: As in `forward`, per task.
 
         Returns:
           `(logits [T, B, n_way], moments)` with per-task moments `[T, C]`.
@@ -269,9 +284,9 @@ class VGGBackbone(keras.layers.Layer):
             # graphs that fusion makes a cycle ("nodes in a cycle").
             x = (self._task_conv(x, params[f"conv{i}/kernel"]) +
                  params[f"conv{i}/bias"][:, None, None, None, :])
-            count = _count(x, (1, 2, 3))
+            count = _count(x, (1, 2, 3), context)
             x, mean, variance = norm.normalize(x, step=step, training=training,
-                                               axes=(1, 2, 3))
+                                               axes=(1, 2, 3), context=context)
             moments.append(BatchMoments(mean, variance, count))
             if self.max_pooling:
                 x = _pool(tf.reshape(x, [-1] + x.shape[2:].as_list()), self.pool_impl)
@@ -311,16 +326,17 @@ class VGGBackbone(keras.layers.Layer):
                       num_filters=self.num_filters, num_stages=self.num_stages,
                       max_pooling=self.max_pooling, num_steps=self.num_steps,
                       per_step_bn=self.per_step_bn, bn_policy=self.bn_policy,
-                      pool_impl=self.pool_impl)
+                      pool_impl=self.pool_impl, context_size=self.context_size)
         return config
 
 
-def _count(x: tf.Tensor, axes: Sequence[int]) -> int | tf.Tensor:
-    """Number of elements per channel reduced over `axes` (static when known)."""
-    count = 1
-    for axis in axes:
-        dim = x.shape[axis]
-        if dim is None:
-            return tf.reduce_prod(tf.gather(tf.shape(x), list(axes)))
-        count *= dim
-    return count
+def _count(x: tf.Tensor, axes: Sequence[int],
+           context: int | tf.Tensor | None) -> int | tf.Tensor:
+    """Elements per channel that batch statistics over `axes` reduce (static when known).
+
+    With a `context`, only the first `context` entries along `axes[0]` count.
+    """
+    sizes = [tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in axes]
+    if context is not None:
+        sizes[0] = context
+    return math.prod(sizes)

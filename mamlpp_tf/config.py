@@ -27,8 +27,12 @@ class LearnerConfig:
       inner_lr: Initial (MAML++) or fixed (MAML) inner learning rate.
       learn_inner_lr: LSLR: learn one rate per tensor and step.
       per_step_bn: BNWB+BNRS: per-step batch-norm weights and statistics.
-      bn_stats: `"batch"` (official behaviour) or `"running"` (per-step running
-        statistics at evaluation).
+      bn_stats: Batch-norm statistics (see `PerStepBatchNorm`): `"batch"`
+        (official behaviour, transductive), `"running"` (per-step running
+        statistics at evaluation), `"support"` (MetaBN: the support set's) or
+        `"tasknorm"` (TaskNorm-I: the support set's blended with each
+        image's). The last two are trained as they are served: a query's
+        prediction never depends on the other queries.
       msl_epochs: Epochs of multi-step loss annealing; 0 turns MSL off.
       second_order: Use second-order meta-gradients (after `first_order_epochs`).
       first_order_epochs: Derivative-order annealing: epochs `0..k` are first
@@ -84,7 +88,7 @@ class LearnerConfig:
              f"must be in [1, inner_steps={self.inner_steps}]: per-step batch norm "
              "and LSLR have one row per training step"),
             (self.bn_stats in BN_POLICIES, "bn_stats", f"must be one of {BN_POLICIES}"),
-            (self.bn_stats == "batch" or self.per_step_bn, "bn_stats",
+            (self.bn_stats != "running" or self.per_step_bn, "bn_stats",
              "'running' needs per_step_bn (shared BN keeps no running statistics)"),
             (self.msl_epochs >= 0, "msl_epochs", "must be >= 0 (0 = off)"),
             (self.first_order_epochs >= -1, "first_order_epochs", "must be >= -1"),

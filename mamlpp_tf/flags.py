@@ -49,8 +49,12 @@ flags.DEFINE_boolean("per_step_bn", True,
                      "--noper_step_bn shares one set (plain MAML).")
 flags.DEFINE_enum("bn_stats", "batch", BN_POLICIES,
                   "batch: batch statistics for support and query, always (what the "
-                  "official code does); running: per-step running statistics at "
-                  "evaluation (the paper's stated intent).")
+                  "official code does; transductive: a query's answer depends on the "
+                  "other queries); running: per-step running statistics at evaluation "
+                  "(the paper's stated intent); support: every pass normalised with the "
+                  "support set's statistics (MetaBN); tasknorm: the support set's "
+                  "blended with each image's own (TaskNorm-I). support and tasknorm "
+                  "train the model the way it is served, one image at a time.")
 
 # Outer loop and schedules.
 flags.DEFINE_integer("msl_epochs", 10, "Epochs of multi-step-loss annealing; 0 = off.",
@@ -129,7 +133,7 @@ _combination(["eval_inner_steps", "inner_steps"],
              "eval steps may not exceed training steps (per-step BN and LSLR have one "
              "row per training step)")
 _combination(["bn_stats", "per_step_bn"],
-             lambda f: f["bn_stats"] == "batch" or f["per_step_bn"],
+             lambda f: f["bn_stats"] != "running" or f["per_step_bn"],
              "running statistics need per-step batch norm")
 _combination(["min_meta_lr", "meta_lr"], lambda f: f["min_meta_lr"] <= f["meta_lr"],
              "the annealing floor must not exceed the initial rate")

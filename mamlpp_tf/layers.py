@@ -13,7 +13,10 @@ from typing import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-BN_POLICIES = ("batch", "running")
+BN_POLICIES = ("batch", "running", "support", "tasknorm")
+# Policies whose statistics come from the support set (plus, for TaskNorm, the
+# image itself), so that a query's answer never depends on the other queries.
+CONTEXT_POLICIES = ("support", "tasknorm")
 
 
 def batch_moments(x: tf.Tensor, axes: Sequence[int]
@@ -41,6 +44,16 @@ def batch_moments(x: tf.Tensor, axes: Sequence[int]
     return mean, variance, centred
 
 
+def leading_rows(x: tf.Tensor, axis: int, rows: int | tf.Tensor) -> tf.Tensor:
+    """The first `rows` entries of `x` along `axis`."""
+    return x[(slice(None),) * axis + (slice(0, rows),)]
+
+
+def _size(x: tf.Tensor, axis: int) -> int | tf.Tensor:
+    """Length of `x` along `axis`: static when known, else a scalar tensor."""
+    return tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis]
+
+
 @keras.saving.register_keras_serializable(package="mamlpp_tf")
 class PerStepBatchNorm(keras.layers.Layer):
     """Batch norm with one set of gamma/beta and running statistics per inner step.
@@ -49,6 +62,11 @@ class PerStepBatchNorm(keras.layers.Layer):
     `running_mean` and `running_var` at inner step `step`. Gamma and beta are
     meta-parameters: the outer optimiser trains them, the inner loop never
     adapts them.
+
+    A pass may name its first `context` images (along the batch axis) as the
+    context set: the batch statistics are then computed from those images
+    alone and applied to every image of the pass. The learner passes a task's
+    support set as the context of its query passes under the context policies.
 
     Normalisation policy (`policy`):
     * `"batch"` — what the official PyTorch code really does: every pass,
@@ -59,6 +77,22 @@ class PerStepBatchNorm(keras.layers.Layer):
       statistics; evaluation passes (`training=False`) use the per-step
       running statistics of row `step`, so each query image is classified on
       its own.
+    * `"support"` — MetaBN (Bronskill et al., ICML 2020): the statistics of
+      the context (support) images, in training and evaluation alike; the
+      learner makes every query pass carry the support set as its context.
+    * `"tasknorm"` — TaskNorm-I (Bronskill et al., ICML 2020): the context
+      moments blended with each image's own instance moments (over H, W),
+      `μ = α·μ_ctx + (1−α)·μ_img`, `σ² = α·(σ²_ctx + (μ_ctx−μ)²) +
+      (1−α)·(σ²_img + (μ_img−μ)²)`, with `α = sigmoid(a·n + b)` for a context
+      of `n` images and meta-learned `a`, `b` (per step with `per_step`,
+      initialised to 0 as in the reference code cambridge-mlg/cnaps). All
+      variances are biased (the reference uses unbiased ones).
+
+    A layer of an exported task model (`context_size` set) has no support set
+    at hand: at evaluation it reads its context moments from the
+    `running_mean`/`running_var` row, computed from `context_size` support
+    images when the model was exported. Under `"support"` that is the
+    `"running"` computation, so only `"tasknorm"` takes `context_size`.
 
     Running statistics follow PyTorch's convention: `running = (1 - momentum) *
     running + momentum * batch_stat` with momentum 0.1 and the *unbiased* batch
@@ -68,19 +102,22 @@ class PerStepBatchNorm(keras.layers.Layer):
     batching or replicas).
 
     With `per_step=False` the layer is the plain-MAML baseline: one shared
-    gamma/beta of shape `[C]`, batch statistics always, no running statistics.
+    gamma/beta of shape `[C]` (and one `a`, `b`), no running statistics.
 
     Args:
         num_steps: Number of inner steps `S` (rows of the per-step variables).
         per_step: Per-step variables (MAML++) or one shared set (MAML).
-        policy: `"batch"` or `"running"` (see above).
+        policy: One of `BN_POLICIES` (see above).
         momentum: PyTorch-style running-statistics momentum.
         epsilon: Added to the variance before the square root.
+        context_size: For a served task's `"tasknorm"` layer: the support size
+            its stored context moments come from. None for a learner's layers.
         **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Raises:
-        ValueError: on a non-positive `num_steps`, an unknown `policy`, or
-            `policy="running"` with `per_step=False`.
+        ValueError: on a non-positive `num_steps`, an unknown `policy`,
+            `policy="running"` with `per_step=False`, or `context_size` without
+            `policy="tasknorm"` and `per_step`.
     """
 
     def __init__(self,
@@ -89,6 +126,7 @@ class PerStepBatchNorm(keras.layers.Layer):
                  policy: str = "batch",
                  momentum: float = 0.1,
                  epsilon: float = 1e-5,
+                 context_size: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         if num_steps < 1:
@@ -98,11 +136,17 @@ class PerStepBatchNorm(keras.layers.Layer):
         if policy == "running" and not per_step:
             raise ValueError("policy='running' needs per_step=True: the shared "
                              "(plain MAML) batch norm keeps no running statistics.")
+        if context_size is not None and (policy != "tasknorm" or not per_step or
+                                         context_size < 1):
+            raise ValueError("context_size (stored context moments) needs "
+                             "policy='tasknorm', per_step=True and a positive size; got "
+                             f"{context_size} with policy={policy!r}, per_step={per_step}.")
         self.num_steps = int(num_steps)
         self.per_step = bool(per_step)
         self.policy = policy
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.context_size = None if context_size is None else int(context_size)
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         channels = int(input_shape[-1])
@@ -115,6 +159,13 @@ class PerStepBatchNorm(keras.layers.Layer):
                                     shape=shape,
                                     initializer="zeros",
                                     trainable=True)
+        if self.policy == "tasknorm":
+            rows = (self.num_steps,) if self.per_step else ()
+            # α = sigmoid(a·n + b): 0.5 at initialisation, as in the reference code.
+            self.alpha_scale = self.add_weight(name="alpha_scale", shape=rows,
+                                               initializer="zeros", trainable=True)
+            self.alpha_offset = self.add_weight(name="alpha_offset", shape=rows,
+                                                initializer="zeros", trainable=True)
         if self.per_step:
             self.running_mean = self.add_weight(name="running_mean",
                                                 shape=shape,
@@ -135,35 +186,46 @@ class PerStepBatchNorm(keras.layers.Layer):
                              f"rows of {self.name}.")
         return tf.convert_to_tensor(variable)[step]
 
+    def alpha(self, step: int, context_size: int | tf.Tensor) -> tf.Tensor:
+        """TaskNorm's blend `α = sigmoid(a·n + b)` of step `step` for `n` context images."""
+        n = tf.cast(context_size, self.compute_dtype)
+        return tf.sigmoid(self._row(self.alpha_scale, step) * n +
+                          self._row(self.alpha_offset, step))
+
     def call(self,
              x: tf.Tensor,
              step: int = 0,
              training: bool | None = None,
-             axes: Sequence[int] | None = None) -> tf.Tensor:
+             axes: Sequence[int] | None = None,
+             context: int | tf.Tensor | None = None) -> tf.Tensor:
         """Normalises `x` with the statistics the policy prescribes.
 
         Args:
             x: Activations `[..., C]`.
             step: Inner step (Python int) selecting the per-step row.
             training: Whether this is a meta-training pass. Only the `"running"`
-                policy looks at it.
-            axes: Axes holding one batch. Defaults to all but the last; a task-
-                batched caller passes e.g. `(1, 2, 3)` so each task keeps its own
-                statistics.
+                policy and stored-context `"tasknorm"` layers look at it.
+            axes: Axes holding one batch, the batch axis first. Defaults to all
+                but the last; a task-batched caller passes e.g. `(1, 2, 3)` so
+                each task keeps its own statistics.
+            context: Images (along the batch axis) whose statistics normalise
+                the whole pass; None = all of them.
 
         Returns:
             The normalised, scaled and shifted tensor.
         """
-        return self.normalize(x, step=step, training=training, axes=axes)[0]
+        return self.normalize(x, step=step, training=training, axes=axes,
+                              context=context)[0]
 
     def normalize(self,
                   x: tf.Tensor,
                   *,
                   step: int,
                   training: bool | None,
-                  axes: Sequence[int] | None = None
+                  axes: Sequence[int] | None = None,
+                  context: int | tf.Tensor | None = None
                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """`call`, also returning the batch moments of `x` for `update_running_stats`.
+        """`call`, also returning the batch moments for `update_running_stats`.
 
         The network calls this directly, so that the moments it records and
         the ones it normalises with are one computation.
@@ -173,22 +235,42 @@ class PerStepBatchNorm(keras.layers.Layer):
             step: Inner step (Python int) selecting the per-step row.
             training: As in `call`.
             axes: As in `call`.
+            context: As in `call`.
 
         Returns:
-            `(normalised x, batch mean, biased batch variance)`, the moments
-            with `axes` removed (e.g. `[C]`, or `[T, C]` for `axes=(1, 2, 3)`).
+            `(normalised x, batch mean, biased batch variance)`: the moments of
+            the context images (all images without a context) with `axes`
+            removed (e.g. `[C]`, or `[T, C]` for `axes=(1, 2, 3)`).
         """
         axes = tuple(range(x.shape.rank - 1)) if axes is None else tuple(axes)
         gamma, beta = self._row(self.gamma, step), self._row(self.beta, step)
-        mean, variance, centred = batch_moments(x, axes)
-        if self.policy == "running" and not training:
-            centred = x - self._row(self.running_mean, step)
-            scale = tf.math.rsqrt(self._row(self.running_var, step) + self.epsilon)
-        else:
-            scale = tf.math.rsqrt(variance + self.epsilon)
+        sample = x if context is None else leading_rows(x, axes[0], context)
+        mean, variance, centred = batch_moments(sample, axes)
+        moments = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        stored = not training and (self.policy == "running" or self.context_size is not None)
+        if stored:
+            mean = self._row(self.running_mean, step)
+            variance = self._row(self.running_var, step)
+        if self.policy == "tasknorm":
+            size = self.context_size if stored else _size(sample, axes[0])
+            mean, variance = self._blend(x, axes[1:], self.alpha(step, size), mean,
+                                         variance)
+        if context is not None or stored or self.policy == "tasknorm":
+            centred = x - mean
         # Scale and gamma meet at the statistics' size before touching `x`.
-        normalised = centred * (scale * gamma) + beta
-        return normalised, tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        normalised = centred * (tf.math.rsqrt(variance + self.epsilon) * gamma) + beta
+        return (normalised,) + moments
+
+    @staticmethod
+    def _blend(x: tf.Tensor, spatial_axes: Sequence[int], alpha: tf.Tensor,
+               mean: tf.Tensor, variance: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """TaskNorm-I's pooled moments of every image: context and instance blended."""
+        instance_mean, instance_variance, _ = batch_moments(x, spatial_axes)
+        pooled_mean = alpha * mean + (1.0 - alpha) * instance_mean
+        pooled_variance = (
+            alpha * (variance + tf.square(mean - pooled_mean)) +
+            (1.0 - alpha) * (instance_variance + tf.square(instance_mean - pooled_mean)))
+        return pooled_mean, pooled_variance
 
     def update_running_stats(self, step: int, mean: tf.Tensor, variance: tf.Tensor,
                              count: int | tf.Tensor) -> None:
@@ -220,7 +302,8 @@ class PerStepBatchNorm(keras.layers.Layer):
                       per_step=self.per_step,
                       policy=self.policy,
                       momentum=self.momentum,
-                      epsilon=self.epsilon)
+                      epsilon=self.epsilon,
+                      context_size=self.context_size)
         return config
 
 

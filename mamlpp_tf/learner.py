@@ -13,6 +13,12 @@ order treats them as constants (derivative-order annealing switches between the
 two by epoch). Adam with a per-epoch cosine schedule updates the network,
 the per-step batch-norm gamma/beta and the LSLR rates.
 
+Batch norm follows `config.bn_stats` (see `PerStepBatchNorm`). Under the
+non-transductive policies `support` and `tasknorm`, every query pass carries
+the task's support set as the context of its batch norms, so training,
+evaluation and the exported models normalise a query with the support set's
+statistics alone: its prediction never depends on the other queries.
+
 Two task layouts compute the same numbers: `loop` runs tasks one after another
 (the simple reference) and `batched` runs them through the network together
 (`VGGBackbone.forward_tasks`).
@@ -29,7 +35,7 @@ import tensorflow as tf
 from mamlpp_tf import schedules
 from mamlpp_tf.backbone import BatchMoments, VGGBackbone
 from mamlpp_tf.config import LearnerConfig
-from mamlpp_tf.layers import PerStepLearningRates
+from mamlpp_tf.layers import CONTEXT_POLICIES, PerStepLearningRates
 
 Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
@@ -227,12 +233,35 @@ class MamlPlusPlus:
                 grads = tf.nest.map_structure(tf.stop_gradient, grads)
             params = self.lslr.update(params, grads, step)
             if msl_weights is not None or step == num_steps - 1:
-                logits, moments = forward(query_x, params, step, training)
+                logits, moments = self._query_pass(forward, support_x, query_x, params,
+                                                   step, training,
+                                                   batch_axis=0 if tasks is None else 1)
                 records.append((step, _mean_over_tasks(moments, tasks)))
                 query_loss = _cross_entropy(query_y, logits)
                 loss = loss + (query_loss if msl_weights is None else
                                msl_weights[step] * query_loss)
         return loss, logits, records
+
+    def _query_pass(self, forward: Callable, support_x: tf.Tensor, query_x: tf.Tensor,
+                    params: dict[str, tf.Tensor], step: int, training: bool, *,
+                    batch_axis: int) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """Query logits at inner step `step` under `params`, normalised as the policy says.
+
+        Under the context policies (`support`, `tasknorm`) the support set
+        travels with the queries as the context of every batch norm: the
+        statistics are those of the support images through the same weights
+        and the same batch-norm row as the queries (one extra support forward
+        per query pass), and no query influences another. The moments
+        returned are then the support set's.
+        """
+        if self.config.bn_stats not in CONTEXT_POLICIES:
+            return forward(query_x, params, step, training)
+        support = support_x.shape[batch_axis]
+        if support is None:
+            support = tf.shape(support_x)[batch_axis]
+        logits, moments = forward(tf.concat([support_x, query_x], batch_axis), params, step,
+                                  training, context=support)
+        return logits[(slice(None),) * batch_axis + (slice(support, None),)], moments
 
     def _update_running_stats(self, records: Sequence[PassRecord]) -> None:
         for step, moments in records:
@@ -470,14 +499,36 @@ class MamlPlusPlus:
         return params
 
     def predict(self, images: tf.Tensor, params: dict[str, tf.Tensor],
-                num_steps: int | None = None) -> tf.Tensor:
+                num_steps: int | None = None, *,
+                support_x: tf.Tensor | None = None) -> tf.Tensor:
         """Logits of `images [B, H, W, C]` under adapted weights `params`.
 
         Batch norm uses the row of the last inner step, as the final query
         pass of the inner loop does.
+
+        Args:
+          images: Query images.
+          params: Weights from `adapt`.
+          num_steps: Inner steps `adapt` took; defaults to `eval_inner_steps`.
+          support_x: The support images `params` were adapted to. Required
+            under `bn_stats` `support` and `tasknorm`, whose statistics come
+            from them; unused otherwise.
+
+        Returns:
+          Logits `[B, n_way]`.
+
+        Raises:
+          ValueError: if the policy needs `support_x` and it is missing.
         """
         num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
-        logits, _ = self.backbone.forward(images, params, num_steps - 1, False)
+        if self.config.bn_stats in CONTEXT_POLICIES:
+            if support_x is None:
+                raise ValueError(f"bn_stats={self.config.bn_stats!r} normalises with the "
+                                 "support set's statistics: pass support_x to predict")
+        else:
+            support_x = None
+        logits, _ = self._query_pass(self.backbone.forward, support_x, images, params,
+                                     num_steps - 1, False, batch_axis=0)
         return logits
 
 

@@ -46,6 +46,26 @@ def meta_gradient(learner, batch, epoch: int = 0):
     return loss.numpy(), [g.numpy() for g in grads]
 
 
+def directional_fd(learner, batch, epoch, direction, h=1e-5):
+    """Central difference of the meta-loss along `direction` (one array per variable)."""
+    variables = learner.trainable_variables
+    original = [v.numpy() for v in variables]
+
+    def loss_at(scale):
+        for v, x, d in zip(variables, original, direction):
+            v.assign(x + scale * d)
+        return learner.meta_loss(batch, epoch).numpy()
+
+    value = (loss_at(h) - loss_at(-h)) / (2 * h)
+    for v, x in zip(variables, original):
+        v.assign(x)
+    return value
+
+
+def relative_error(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
@@ -91,5 +111,14 @@ def finished_run(tmp_path_factory):
     """One uninterrupted TINY run, the reference for resume and fault tests."""
     model_dir = str(tmp_path_factory.mktemp("run"))
     code, stdout, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    return model_dir, stdout
+
+
+@pytest.fixture(scope="session")
+def tasknorm_run(tmp_path_factory):
+    """The TINY run with TaskNorm-I batch norm (non-transductive), task-batched."""
+    model_dir = str(tmp_path_factory.mktemp("tasknorm"))
+    code, stdout, stderr = run_job(model_dir, "--bn_stats=tasknorm", "--task_impl=batched")
     assert code == 0, stderr[-3000:]
     return model_dir, stdout

@@ -1,6 +1,6 @@
 """Subprocess side of test_distribute.py (devices and workers need fresh processes).
 
-    python tests/distributed_helper.py equivalence OUT.npz
+    python tests/distributed_helper.py equivalence OUT.npz BN_STATS
         Splits the CPU into 2 logical devices, then runs the same 3 SGD
         meta-steps (4 tasks, --grad_clip active) on one device and under
         MirroredStrategy, and saves losses, parameters, running statistics and
@@ -73,10 +73,10 @@ def _clipped_fraction(config, batch) -> float:
     return float(np.mean(flat > GRAD_CLIP))
 
 
-def equivalence(out_path: str) -> None:
+def equivalence(out_path: str, bn_stats: str) -> None:
     """The same meta-steps on one device and on two mirrored CPU replicas."""
     mirrored = distribute.resolve("mirrored", TASKS, cpu_replicas=REPLICAS)
-    config = tiny_config(dtype="float32", grad_clip=GRAD_CLIP)
+    config = tiny_config(dtype="float32", grad_clip=GRAD_CLIP, bn_stats=bn_stats)
     batches = [random_batch(config, tasks=TASKS, seed=seed) for seed in range(STEPS)]
     results = {
         "one": _meta_steps(tf.distribute.get_strategy(), config, batches),
@@ -129,7 +129,7 @@ def train_with_write_log(report_path: str, argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
-        equivalence(sys.argv[2])
+        equivalence(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "train":
         train_with_write_log(sys.argv[2], sys.argv[3:])
     else:

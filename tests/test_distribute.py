@@ -92,10 +92,15 @@ def test_only_one_worker_is_chief(jobs, task, chief, workers):
 # ------------------------------------------- mirrored meta-step == one device
 
 
-def test_mirrored_meta_steps_equal_one_device(tmp_path):
-    """3 SGD meta-steps, 4 tasks on 2 replicas vs 1 device, gradient clipping active."""
+@pytest.mark.parametrize("bn_stats", ["batch", "tasknorm"])
+def test_mirrored_meta_steps_equal_one_device(tmp_path, bn_stats):
+    """3 SGD meta-steps, 4 tasks on 2 replicas vs 1 device, gradient clipping active.
+
+    `tasknorm` covers the support-set statistics of the non-transductive modes
+    (and TaskNorm's own meta-parameters).
+    """
     out = str(tmp_path / "equivalence.npz")
-    result = subprocess.run([sys.executable, HELPER, "equivalence", out],
+    result = subprocess.run([sys.executable, HELPER, "equivalence", out, bn_stats],
                             cwd=ROOT,
                             env=_env(),
                             capture_output=True,

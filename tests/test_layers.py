@@ -14,8 +14,19 @@ def numpy_batch_norm(x, gamma, beta, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-def make_bn(policy="batch", steps=3, channels=4, per_step=True):
-    layer = PerStepBatchNorm(steps, per_step=per_step, policy=policy, dtype="float64")
+def numpy_tasknorm(x, context_mean, context_var, alpha, gamma, beta, eps=1e-5):
+    """TaskNorm-I as the reference code pools moments, with biased variances."""
+    image_mean = x.mean(axis=(1, 2), keepdims=True)
+    image_var = x.var(axis=(1, 2), keepdims=True)
+    mean = alpha * context_mean + (1 - alpha) * image_mean
+    var = (alpha * (context_var + (context_mean - mean)**2) +
+           (1 - alpha) * (image_var + (image_mean - mean)**2))
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def make_bn(policy="batch", steps=3, channels=4, per_step=True, context_size=None):
+    layer = PerStepBatchNorm(steps, per_step=per_step, policy=policy, dtype="float64",
+                             context_size=context_size)
     layer.build((None, 5, 5, channels))
     rng = np.random.RandomState(0)
     layer.gamma.assign(rng.rand(*layer.gamma.shape) + 0.5)
@@ -23,6 +34,9 @@ def make_bn(policy="batch", steps=3, channels=4, per_step=True):
     if per_step:
         layer.running_mean.assign(rng.randn(steps, channels))
         layer.running_var.assign(rng.rand(steps, channels) + 0.5)
+    if policy == "tasknorm":
+        layer.alpha_scale.assign(rng.randn(*layer.alpha_scale.shape))
+        layer.alpha_offset.assign(rng.randn(*layer.alpha_offset.shape))
     return layer
 
 
@@ -97,6 +111,57 @@ def test_running_stat_update_is_pytorch_momentum_with_unbiased_variance():
     np.testing.assert_allclose(layer.running_var.numpy(), want_var, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_support_policy_takes_statistics_from_the_context_images_only(training):
+    layer = make_bn("support")
+    x = np.random.RandomState(10).randn(7, 5, 5, 4) * 2 + 1
+    got = layer(x, step=1, training=training, context=3).numpy()
+    context = x[:3]
+    mean, var = context.mean(axis=(0, 1, 2)), context.var(axis=(0, 1, 2))
+    want = (x - mean) / np.sqrt(var + 1e-5) * layer.gamma.numpy()[1] + layer.beta.numpy()[1]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # Without a context the batch is its own context: the batch policy's numbers.
+    np.testing.assert_allclose(layer(x, step=1, training=training).numpy(),
+                               make_bn("batch")(x, step=1, training=training).numpy(),
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("per_step", [True, False])
+def test_tasknorm_blends_context_and_instance_moments(per_step):
+    layer = make_bn("tasknorm", per_step=per_step)
+    x = np.random.RandomState(11).randn(6, 5, 5, 4) * 2 + 1
+    step = 2 if per_step else 0
+    row = (lambda v: v.numpy()[step]) if per_step else (lambda v: v.numpy())
+    context = x[:4]
+    alpha = 1 / (1 + np.exp(-(row(layer.alpha_scale) * 4 + row(layer.alpha_offset))))
+    want = numpy_tasknorm(x, context.mean(axis=(0, 1, 2)), context.var(axis=(0, 1, 2)),
+                          alpha, row(layer.gamma), row(layer.beta))
+    for training in (True, False):
+        got = layer(x, step=step, training=training, context=4).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    assert {v.path.split("/")[-1] for v in layer.trainable_variables} == {
+        "gamma", "beta", "alpha_scale", "alpha_offset"}
+    fresh = PerStepBatchNorm(3, policy="tasknorm")
+    fresh.build((None, 5, 5, 4))
+    np.testing.assert_array_equal(fresh.alpha(0, 10).numpy(), 0.5)  # a = b = 0 initially.
+
+
+def test_stored_context_layer_reads_its_context_moments_at_evaluation():
+    """A served task model's layer: stored support moments, blended with each image's."""
+    layer = make_bn("tasknorm", steps=1, context_size=5)
+    x = np.random.RandomState(12).randn(2, 5, 5, 4)
+    alpha = 1 / (1 + np.exp(-(layer.alpha_scale.numpy()[0] * 5 +
+                               layer.alpha_offset.numpy()[0])))
+    want = numpy_tasknorm(x, layer.running_mean.numpy()[0], layer.running_var.numpy()[0],
+                          alpha, layer.gamma.numpy()[0], layer.beta.numpy()[0])
+    np.testing.assert_allclose(layer(x, step=0, training=False).numpy(), want, atol=1e-12)
+    # One image alone gets its answer in the pair.
+    np.testing.assert_allclose(layer(x[1:], step=0, training=False).numpy(), want[1:],
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="context_size"):
+        PerStepBatchNorm(1, policy="support", context_size=5)
+
+
 def test_shared_bn_for_plain_maml():
     layer = make_bn("batch", per_step=False)
     assert tuple(layer.gamma.shape) == (4,) and not layer.non_trainable_variables
@@ -134,6 +199,7 @@ def test_second_derivative_through_variance_is_exact():
 
 @pytest.mark.parametrize("cls,kwargs", [
     (PerStepBatchNorm, dict(num_steps=4, per_step=True, policy="running", momentum=0.2)),
+    (PerStepBatchNorm, dict(num_steps=1, policy="tasknorm", context_size=10)),
     (PerStepLearningRates, dict(param_names=["a/kernel", "a/bias"], num_steps=3,
                                 initial_rate=0.05)),
 ])

@@ -10,28 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import meta_gradient, random_batch, tiny_config
+from conftest import directional_fd, meta_gradient, random_batch, relative_error, tiny_config
 from mamlpp_tf import MamlPlusPlus
-
-
-def directional_fd(learner, batch, epoch, direction, h=1e-5):
-    """Central difference of the meta-loss along `direction` (one array per variable)."""
-    variables = learner.trainable_variables
-    original = [v.numpy() for v in variables]
-
-    def loss_at(scale):
-        for v, x, d in zip(variables, original, direction):
-            v.assign(x + scale * d)
-        return learner.meta_loss(batch, epoch).numpy()
-
-    value = (loss_at(h) - loss_at(-h)) / (2 * h)
-    for v, x in zip(variables, original):
-        v.assign(x)
-    return value
-
-
-def relative_error(a, b):
-    return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
 def test_second_order_meta_gradient_equals_finite_differences():

@@ -194,6 +194,28 @@ def test_eval_step_with_running_statistics_agrees():
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10)
 
 
+@pytest.mark.parametrize("second_order", [True, False], ids=["second", "first"])
+@pytest.mark.parametrize("bn_stats", ["support", "tasknorm"])
+def test_context_statistics_agree_across_layouts(bn_stats, second_order):
+    """Support-set statistics (and TaskNorm's blend) per task in the batched layout."""
+    config = small_config(bn_stats=bn_stats, second_order=second_order)
+    loop, batched = learner_pair(config)
+    if bn_stats == "tasknorm":
+        rng = np.random.RandomState(0)
+        for norm in loop.backbone.norms:
+            for variable in (norm.alpha_scale, norm.alpha_offset):
+                variable.assign(rng.randn(*variable.shape))
+        copy_variables(loop, batched)
+    batch = random_batch(config, tasks=3, k_shot=2, n_query=3)
+    loop_loss, loop_grads = meta_gradient(loop, batch)
+    batched_loss, batched_grads = meta_gradient(batched, batch)
+    np.testing.assert_allclose(batched_loss, loop_loss, rtol=1e-10)
+    assert_gradients_close(batched_grads, loop_grads, rtol=1e-8)
+    expected, actual = loop.eval_step(batch), batched.eval_step(batch)
+    for key in ("loss", "accuracy", "logits"):
+        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10)
+
+
 def test_auto_batches_tasks_up_to_the_query_threshold():
     learner = MamlPlusPlus(small_config(task_impl="auto"))
     # pylint: disable=protected-access

@@ -1,0 +1,152 @@
+"""The task model: the network adapted to one support set, answering one image at a time.
+
+This is what `export/` serves as a plain classifier and what the final test
+scores as the *served* accuracy next to the protocol's. A `task_network` is a
+one-step copy of the learner's network; `bake_task` stores in it the weights
+adapted to a support set, the batch-norm gamma/beta of the last inner step and
+fixed normalisation statistics, so that an image's answer never depends on the
+other images of a request. The statistics (`bn_stats`):
+
+* `"support"`: the batch statistics of the support set through the adapted
+  weights at the last step's batch-norm row. For `--bn_stats=support` runs
+  this is exactly the computation the run was trained and scored with. For
+  `--bn_stats=batch` runs (transductive: each query batch normalised with its
+  own statistics) it is the export-time estimate of those statistics: the
+  support set is the only sample of the task's classes known in advance, and
+  the gap shows in the run's `served_accuracy`.
+* `"running"`: the per-step running statistics of the last step, i.e. exactly
+  `learner.predict` of a `--bn_stats=running` run.
+* `"tasknorm"` (`--bn_stats=tasknorm` runs only): the support set's moments
+  blended with each image's instance moments by the learned α, exactly the
+  run's computation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from mamlpp_tf.backbone import VGGBackbone
+from mamlpp_tf.config import LearnerConfig
+from mamlpp_tf.learner import MamlPlusPlus
+
+BN_STATS = ("support", "running", "tasknorm")
+
+
+def default_bn_stats(config: LearnerConfig) -> str:
+    """The task model's statistics for a run: its own policy's evaluation statistics."""
+    return {"running": "running", "tasknorm": "tasknorm"}.get(config.bn_stats, "support")
+
+
+def check_bn_stats(config: LearnerConfig, bn_stats: str) -> None:
+    """Raises `ValueError` unless `bn_stats` is usable with the run's network."""
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"--bn_stats={bn_stats!r} must be one of {BN_STATS}")
+    if bn_stats == "running" and not config.per_step_bn:
+        raise ValueError("--bn_stats=running needs a run with --per_step_bn: shared "
+                         "batch norm (plain MAML) keeps no running statistics")
+    if (bn_stats == "tasknorm") != (config.bn_stats == "tasknorm"):
+        raise ValueError(f"--bn_stats={bn_stats} needs a run trained with "
+                         "--bn_stats=tasknorm, and such a run is served only with it "
+                         f"(this run: --bn_stats={config.bn_stats})")
+
+
+def task_network(learner: MamlPlusPlus, bn_stats: str,
+                 support_size: int | None = None) -> VGGBackbone:
+    """A one-step copy of the learner's network that normalises with stored statistics.
+
+    Args:
+      learner: The meta-trained learner.
+      bn_stats: One of `BN_STATS`.
+      support_size: Support images per task; needed for `"tasknorm"`, whose
+        blend α depends on it.
+
+    Raises:
+      ValueError: as `check_bn_stats`, or `"tasknorm"` without `support_size`.
+    """
+    config, backbone = learner.config, learner.backbone
+    check_bn_stats(config, bn_stats)
+    if bn_stats == "tasknorm" and not support_size:
+        raise ValueError("a tasknorm task model needs the support size")
+    return VGGBackbone(n_way=config.n_way,
+                       image_shape=config.image_shape,
+                       num_filters=config.num_filters,
+                       num_stages=config.num_stages,
+                       max_pooling=config.max_pooling,
+                       num_steps=1,
+                       per_step_bn=True,
+                       bn_policy="tasknorm" if bn_stats == "tasknorm" else "running",
+                       pool_impl=backbone.pool_impl,
+                       context_size=support_size if bn_stats == "tasknorm" else None,
+                       dtype=config.dtype,
+                       name="task_network")
+
+
+def bake_task(learner: MamlPlusPlus, network: VGGBackbone, support_x: tf.Tensor,
+              support_y: tf.Tensor, bn_stats: str) -> None:
+    """Adapts to a support set and stores the result in `network` (a `task_network`).
+
+    Works eagerly and inside a `tf.function`. `network.forward(x,
+    network.initial_params(), 0, False)` then gives the task model's logits.
+
+    Args:
+      learner: The meta-trained learner (left unchanged).
+      network: Receives the adapted weights, the last step's batch-norm
+        variables and the fixed statistics.
+      support_x: Support images `[n, H, W, C]` in the learner's dtype.
+      support_y: Labels `[n]` in `[0, n_way)`.
+      bn_stats: One of `BN_STATS` (see the module docstring).
+
+    Raises:
+      ValueError: as `check_bn_stats`.
+    """
+    check_bn_stats(learner.config, bn_stats)
+    step = learner.config.eval_inner_steps - 1
+    params = learner.adapt(support_x, support_y)
+    if bn_stats == "running":
+        statistics = [(tf.convert_to_tensor(norm.running_mean)[step],
+                       tf.convert_to_tensor(norm.running_var)[step])
+                      for norm in learner.backbone.norms]
+    else:
+        # training=True: the support set's own statistics in every layer, which
+        # is what a query pass of the context policies normalises with.
+        _, moments = learner.backbone.forward(support_x, params, step, True)
+        statistics = [(m.mean, m.variance) for m in moments]
+    for name, value in params.items():
+        network.weights_by_name[name].assign(value)
+    for source, target, (mean, variance) in zip(learner.backbone.norms, network.norms,
+                                                statistics):
+        rows = [(target.gamma, source.gamma), (target.beta, source.beta)]
+        if bn_stats == "tasknorm":
+            rows += [(target.alpha_scale, source.alpha_scale),
+                     (target.alpha_offset, source.alpha_offset)]
+        for variable, value in rows:
+            value = tf.convert_to_tensor(value)
+            variable.assign((value[step] if source.per_step else value)[None])
+        target.running_mean.assign(mean[None])
+        target.running_var.assign(variance[None])
+
+
+def served_logits_fn(learner: MamlPlusPlus, bn_stats: str,
+                     support_size: int) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
+                                                    tf.Tensor]:
+    """`f(support_x, support_y, query_x) -> logits`: one task through its task model.
+
+    The traced function bakes the task model of `support_x` and classifies
+    `query_x` with it. Its statistics are fixed, so every query's logits are
+    those it gets alone (the export tests check this to 1e-6).
+
+    Args:
+      learner: The meta-trained learner (left unchanged).
+      bn_stats: One of `BN_STATS`.
+      support_size: Support images per task (every call must match it).
+    """
+    network = task_network(learner, bn_stats, support_size)
+
+    def served(support_x: tf.Tensor, support_y: tf.Tensor, query_x: tf.Tensor) -> tf.Tensor:
+        bake_task(learner, network, support_x, support_y, bn_stats)
+        logits, _ = network.forward(query_x, network.initial_params(), 0, False)
+        return logits
+
+    return tf.function(served, autograph=False)
