@@ -1,7 +1,7 @@
 """Exports a task model: the run's network adapted to one support set, for TF Serving.
 
     python -m export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
-        --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|running]
+        --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|running|tasknorm]
 
 Writes `BASE/NAME/<version>/` (the next free version) with signatures
 `serving_default(images float32 [None, H, W, C])` and
@@ -17,6 +17,7 @@ from absl import flags
 
 from export import saved_models
 from mamlpp_tf import cli
+from mamlpp_tf import task_model
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string(
@@ -31,11 +32,12 @@ flags.DEFINE_integer("epoch",
                      "validation epoch the run kept).",
                      lower_bound=0)
 flags.DEFINE_enum(
-    "bn_stats", None, saved_models.BN_STATS,
+    "bn_stats", None, task_model.BN_STATS,
     "Batch-norm statistics fixed at export: 'support' (the support set's, "
-    "through the adapted weights) or 'running' (the per-step running "
-    "statistics). Default: 'running' for --bn_stats=running runs, else "
-    "'support'.")
+    "through the adapted weights), 'running' (the per-step running "
+    "statistics) or 'tasknorm' (the support set's blended with each image's; "
+    "--bn_stats=tasknorm runs only). Default: the run's own --bn_stats, with "
+    "'support' for 'batch' runs.")
 flags.mark_flags_as_required(["model_dir", "support", "export_dir"])
 FLAGS = flags.FLAGS
 

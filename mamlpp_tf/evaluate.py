@@ -4,8 +4,10 @@
 
 Uses the run's own config (classes, tasks, network) and the epoch checkpoints
 it kept: the best single validation epoch and the top-k logit ensemble, each
-with mean accuracy and 95% CI over the fixed test tasks. Prints a table and
-writes `<model_dir>/evaluation.json`; `results.json` is left as training wrote it.
+with mean accuracy and 95% CI over the fixed test tasks, scored both by the
+protocol and as served (each query alone through its exported task model),
+with the paired difference. Prints a table and writes
+`<model_dir>/evaluation.json`; `results.json` is left as training wrote it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ top-k validation epochs by averaging their final-step query *logits*. We
 report the mean accuracy over tasks with a 95% confidence interval over tasks
 (1.96·std/√tasks), and also the official code's per-sample standard deviation
 of correctness (which is not a confidence interval).
+
+The test also scores the *served* path on the same tasks: each task's
+exported task model (`mamlpp_tf.task_model`), which classifies every query
+on its own. With `--bn_stats=batch` the protocol normalises each query batch
+with its own statistics, so the two differ and the paired difference shows
+what a deployment loses; with `support`, `tasknorm` and `running` they are
+one computation and agree exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from mamlpp_tf import data
 from mamlpp_tf import distribute
 from mamlpp_tf import experiment
 from mamlpp_tf import runs
+from mamlpp_tf import task_model
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 
@@ -57,16 +65,51 @@ def evaluate(learner: MamlPlusPlus,
     """
     if strategy is not None:
         dataset = distribute.distribute_dataset(strategy, dataset)
-    parts: dict[str, list[np.ndarray]] = {
-        "loss": [], "accuracy": [], "logits": [], "labels": []}
+    parts: dict[str, list[np.ndarray]] = {"loss": [], "logits": [], "labels": []}
     for batch in dataset:
         result = learner.eval_step(batch)
         for key, values in parts.items():
             values.append(result[key].numpy())
+    logits, labels = np.concatenate(parts["logits"]), np.concatenate(parts["labels"])
+    # Accuracy from the logits in float64, as for the served path, so that
+    # equal predictions give equal numbers to the last digit.
     return TaskResults(losses=np.concatenate(parts["loss"]),
-                       accuracies=np.concatenate(parts["accuracy"]),
-                       logits=np.concatenate(parts["logits"]),
-                       labels=np.concatenate(parts["labels"]))
+                       accuracies=correctness_of(logits, labels).mean(axis=1),
+                       logits=logits,
+                       labels=labels)
+
+
+def evaluate_served(learner: MamlPlusPlus, dataset: Iterable,
+                    support_size: int) -> TaskResults:
+    """Scores every task of `dataset` through its task model, as a server answers it.
+
+    Args:
+      learner: The learner (its variables are left unchanged).
+      dataset: Meta-batches (not distributed), in the order `evaluate` sees them.
+      support_size: Support images per task.
+
+    Returns:
+      Per-task results in dataset order; losses are the final query
+      cross-entropies of the served logits.
+    """
+    served = task_model.served_logits_fn(
+        learner, task_model.default_bn_stats(learner.config), support_size)
+    logits, labels = [], []
+    for support_x, support_y, query_x, query_y in dataset:
+        logits += [served(support_x[t], support_y[t], query_x[t]).numpy()
+                   for t in range(support_x.shape[0])]
+        labels.append(query_y.numpy())
+    logits, labels = np.stack(logits), np.concatenate(labels)
+    log_probabilities = logits - _log_sum_exp(logits)
+    losses = -np.take_along_axis(log_probabilities, labels[..., None], -1)[..., 0].mean(1)
+    correct = correctness_of(logits, labels)
+    return TaskResults(losses=losses, accuracies=correct.mean(axis=1), logits=logits,
+                       labels=labels)
+
+
+def _log_sum_exp(logits: np.ndarray) -> np.ndarray:
+    peak = logits.max(axis=-1, keepdims=True)
+    return peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
 
 
 def summarize(accuracies: np.ndarray,
@@ -102,14 +145,18 @@ def ensemble(results: list[TaskResults]) -> tuple[np.ndarray, np.ndarray]:
     if any(r.labels.shape != labels.shape or (r.labels != labels).any()
            for r in results):
         raise ValueError("ensemble members were evaluated on different tasks")
-    logits = np.mean([r.logits for r in results], axis=0)
-    correct = (logits.argmax(axis=-1) == labels).astype(np.float64)
+    correct = correctness_of(np.mean([r.logits for r in results], axis=0), labels)
     return correct.mean(axis=1), correct
+
+
+def correctness_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """0/1 correctness `[tasks, N·Q]` of logits `[tasks, N·Q, N]`."""
+    return (logits.argmax(axis=-1) == labels).astype(np.float64)
 
 
 def correctness(result: TaskResults) -> np.ndarray:
     """0/1 correctness of every query sample `[tasks, N·Q]` of one model."""
-    return (result.logits.argmax(axis=-1) == result.labels).astype(np.float64)
+    return correctness_of(result.logits, result.labels)
 
 
 def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
@@ -126,18 +173,25 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
       strategy: Distribution strategy of `learner`.
 
     Returns:
-      `{"test": {...}}` with accuracy, CI and per-sample std for both.
+      `{"test": {...}}` with accuracy, CI and per-sample std for both, and the
+      same for the served path (`served_*`, see the module docstring) with
+      the paired per-task difference served − protocol of the single model.
     """
     top = runs.top_epochs(history, config.ensemble_top_k)
     tasks = experiment.eval_tasks(config, test_set, "test", config.test_tasks,
                                   strategy.num_replicas_in_sync)
-    members = []
+    members, served_members = [], []
     for epoch in top:
         run.restore_epoch(learner, epoch)
         members.append(evaluate(learner, tasks, strategy))
+        served_members.append(
+            evaluate_served(learner, tasks, config.learner.n_way * config.k_shot))
     single = summarize(members[0].accuracies, correctness(members[0]))
     accuracies, correct = ensemble(members)
     combined = summarize(accuracies, correct)
+    served = summarize(served_members[0].accuracies)
+    difference = summarize(served_members[0].accuracies - members[0].accuracies)
+    served_combined = summarize(ensemble(served_members)[0])
     test = dict(accuracy=single["accuracy"],
                 ci95=single["ci95"],
                 per_sample_std=single["per_sample_std"],
@@ -146,24 +200,39 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
                 ensemble_ci95=combined["ci95"],
                 ensemble_per_sample_std=combined["per_sample_std"],
                 ensemble_epochs=top,
-                tasks=single["tasks"])
+                tasks=single["tasks"],
+                served_bn_stats=task_model.default_bn_stats(config.learner),
+                served_accuracy=served["accuracy"],
+                served_ci95=served["ci95"],
+                served_difference=difference["accuracy"],
+                served_difference_ci95=difference["ci95"],
+                ensemble_served_accuracy=served_combined["accuracy"],
+                ensemble_served_ci95=served_combined["ci95"])
     return dict(test=test)
 
 
 def format_results(results: dict) -> str:
     """A small text table of the test results."""
     test = results["test"]
+    ensemble_name = f"top-{len(test['ensemble_epochs'])} ensemble"
     rows = [("best single model (epoch %d)" % test["best_epoch"], test["accuracy"],
-             test["ci95"], test["per_sample_std"]),
-            (f"top-{len(test['ensemble_epochs'])} ensemble", test["ensemble_accuracy"],
-             test["ensemble_ci95"], test["ensemble_per_sample_std"])]
+             test["ci95"], f"{test['per_sample_std']:>12.4f}"),
+            (ensemble_name, test["ensemble_accuracy"], test["ensemble_ci95"],
+             f"{test['ensemble_per_sample_std']:>12.4f}")]
+    if "served_accuracy" in test:  # Results written before served scoring lack it.
+        rows += [("  served, one image at a time", test["served_accuracy"],
+                  test["served_ci95"], ""),
+                 (f"  served {ensemble_name}", test["ensemble_served_accuracy"],
+                  test["ensemble_served_ci95"], "")]
     lines = [
         f"Test on {test['tasks']} tasks:",
-        f"{'model':<32}{'accuracy':>10}{'95% CI':>10}{'sample std':>12}"
+        f"{'model':<36}{'accuracy':>10}{'95% CI':>10}{'sample std':>12}"
     ]
-    lines += [
-        f"{name:<32}{acc:>10.4f}{ci:>10.4f}{std:>12.4f}" for name, acc, ci, std in rows
-    ]
+    lines += [f"{name:<36}{acc:>10.4f}{ci:>10.4f}{std}" for name, acc, ci, std in rows]
+    if "served_accuracy" in test:
+        lines.append(f"Served - protocol (best single model, paired over tasks): "
+                     f"{test['served_difference'] + 0.0:+.4f} ± {test['served_difference_ci95']:.4f} "
+                     f"(task model statistics: {test['served_bn_stats']})")
     return "\n".join(lines)
 
 

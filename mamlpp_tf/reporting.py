@@ -65,6 +65,10 @@ class Run:
       lslr: Inner learning rates `[inner_steps]` by tensor name, network order.
       bn: Per batch-norm layer (pass order) its name, gamma and beta:
         `[inner_steps, channels]` with per-step BN, `[channels]` without.
+      tasknorm_alpha: For `--bn_stats=tasknorm` runs, per batch-norm layer its
+        name and TaskNorm's blend `α = sigmoid(a·n + b)` at the run's support
+        size `n` (`[inner_steps]`, or one value without per-step BN); empty
+        otherwise.
       train_scalars: Training summaries by tag (`loss`, `accuracy`,
         `meta_lr`): iterations and values, empty without event files.
     """
@@ -77,6 +81,7 @@ class Run:
     checkpoint: Checkpoint
     lslr: dict[str, np.ndarray]
     bn: list[tuple[str, np.ndarray, np.ndarray]]
+    tasknorm_alpha: list[tuple[str, np.ndarray]]
     train_scalars: dict[str, tuple[np.ndarray, np.ndarray]]
 
     @property
@@ -117,6 +122,14 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
     bn = [(norm.name, _read(reader, checkpoint, f"backbone/{norm.name}/gamma"),
            _read(reader, checkpoint, f"backbone/{norm.name}/beta"))
           for norm in backbone.norms]
+    tasknorm_alpha = []
+    if config.learner.bn_stats == "tasknorm":
+        support_size = config.learner.n_way * config.k_shot
+        for norm in backbone.norms:
+            scale, offset = (_read(reader, checkpoint, f"backbone/{norm.name}/{name}")
+                             for name in ("alpha_scale", "alpha_offset"))
+            alpha = 1.0 / (1.0 + np.exp(-(scale * support_size + offset)))
+            tasknorm_alpha.append((norm.name, np.atleast_1d(alpha)))
     if latest is not None:
         iteration = _checkpoint_number(latest)
     else:
@@ -130,6 +143,7 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
                checkpoint=checkpoint,
                lslr=lslr,
                bn=bn,
+               tasknorm_alpha=tasknorm_alpha,
                train_scalars=read_scalars(os.path.join(run.tensorboard_dir, "train"),
                                           _TRAIN_TAGS))
 
@@ -425,7 +439,7 @@ def results_table(runs_: Sequence[Run]) -> str:
     """Markdown table: best validation, single-model and ensemble test accuracy ± CI."""
     lines = [
         "| run | status | best validation | test, best epoch | test, top-k ensemble "
-        "| test tasks |", "|---|---|---|---|---|---|"
+        "| served, best epoch (− test) | test tasks |", "|---|---|---|---|---|---|---|"
     ]
     for run in runs_:
         best = max(run.history, key=lambda h: h["accuracy"], default=None)
@@ -434,7 +448,7 @@ def results_table(runs_: Sequence[Run]) -> str:
             if best else "—")
         status = ("finished" if run.results is not None else
                   f"unfinished: iteration {run.iteration} of {run.total_iterations}")
-        single = ensemble = tasks = "—"
+        single = ensemble = served = tasks = "—"
         if run.results is not None:
             test = run.results["test"]
             single = (f"{test['accuracy']:.4f} ± {test['ci95']:.4f} "
@@ -443,8 +457,12 @@ def results_table(runs_: Sequence[Run]) -> str:
                 f"{test['ensemble_accuracy']:.4f} ± {test['ensemble_ci95']:.4f} "
                 f"(epochs {', '.join(str(e) for e in test['ensemble_epochs'])})")
             tasks = str(test["tasks"])
+            if "served_accuracy" in test:  # Absent from results of older versions.
+                served = (f"{test['served_accuracy']:.4f} ± {test['served_ci95']:.4f} "
+                          f"({test['served_difference'] + 0.0:+.4f} ± "
+                          f"{test['served_difference_ci95']:.4f})")
         lines.append(f"| {run.label} | {status} | {validation} | {single} | {ensemble} "
-                     f"| {tasks} |")
+                     f"| {served} | {tasks} |")
     return "\n".join(lines)
 
 
@@ -505,8 +523,12 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
             f"iterations; heatmaps from {run.checkpoint.description}.")
     lines += [
         "", "## Test results (mean accuracy ± 95% CI)", "",
+        "Served: each test query alone through its task model (the exported "
+        "computation), on the same tasks; in brackets the paired difference to the "
+        "protocol's accuracy.", "",
         results_table(runs_), ""
     ]
+    lines += tasknorm_tables(runs_)
     sections = [
         ("lslr_", "Learned inner learning rates (LSLR)",
          "One rate per weight tensor (rows, network order) and inner step (columns); "
@@ -527,6 +549,27 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def tasknorm_tables(runs_: Sequence[Run]) -> list[str]:
+    """Markdown lines: TaskNorm's learned blend per layer and step of each tasknorm run."""
+    lines = []
+    for run in runs_:
+        if not run.tasknorm_alpha:
+            continue
+        steps = len(run.tasknorm_alpha[0][1])
+        support = run.config.learner.n_way * run.config.k_shot
+        lines += [
+            f"## TaskNorm blend of {run.label}", "",
+            f"α = sigmoid(a·{support} + b) per batch-norm layer and inner step: the weight "
+            "of the support set's moments against each image's own.", "",
+            "| layer | " + " | ".join(f"step {s}" for s in range(steps)) + " |",
+            "|---|" + "---:|" * steps
+        ]
+        lines += [f"| {name} | " + " | ".join(f"{a:.3f}" for a in alpha) + " |"
+                  for name, alpha in run.tasknorm_alpha]
+        lines.append("")
+    return lines
 
 
 def _labels(model_dirs: Sequence[str]) -> list[str]:

@@ -111,6 +111,25 @@ def test_report_writes_every_figure_and_the_results_table(finished_run, tmp_path
     single = f"{test['accuracy']:.4f} ± {test['ci95']:.4f} (epoch {test['best_epoch']})"
     assert single in row
     assert f"{test['ensemble_accuracy']:.4f} ± {test['ensemble_ci95']:.4f}" in row
+    served = (f"{test['served_accuracy']:.4f} ± {test['served_ci95']:.4f} "
+              f"({test['served_accuracy'] - test['accuracy'] + 0.0:+.4f}")
+    assert served in row
+    assert "TaskNorm" not in markdown  # Only for tasknorm runs.
+
+
+def test_report_shows_tasknorm_blend_per_layer_and_step(tasknorm_run, tmp_path):
+    model_dir, _ = tasknorm_run
+    markdown = open(reporting.write_report([model_dir], str(tmp_path / "report"))).read()
+    best = json.load(open(os.path.join(model_dir, "results.json")))["test"]["best_epoch"]
+    reader = tf.train.load_checkpoint(
+        os.path.join(model_dir, "checkpoints", f"epoch_{best:03d}", "model"))
+    value = lambda key: reader.get_tensor(f"backbone/{key}/.ATTRIBUTES/VARIABLE_VALUE")
+    for layer in ("norm0", "norm1"):
+        # 3-way 1-shot: a support set of 3 images.
+        alpha = 1 / (1 + np.exp(-(value(f"{layer}/alpha_scale") * 3 +
+                                  value(f"{layer}/alpha_offset"))))
+        assert alpha.shape == (2,)
+        assert f"| {layer} | {alpha[0]:.3f} | {alpha[1]:.3f} |" in markdown
 
 
 def test_lslr_heatmap_shows_the_best_epoch_checkpoint(finished_run):

@@ -45,8 +45,38 @@ def test_evaluate_reproduces_the_final_test(finished_run):
     model_dir, _ = finished_run
     results = json.load(open(os.path.join(model_dir, "results.json")))
     again = evaluation.evaluate_run(model_dir)
-    for key in ("accuracy", "ci95", "ensemble_accuracy", "ensemble_ci95", "ensemble_epochs"):
+    for key in ("accuracy", "ci95", "ensemble_accuracy", "ensemble_ci95", "ensemble_epochs",
+                "served_accuracy", "served_ci95", "served_difference",
+                "ensemble_served_accuracy"):
         assert again["test"][key] == pytest.approx(results["test"][key], abs=1e-9), key
+
+
+def test_a_batch_statistics_run_reports_its_served_accuracy_beside_the_protocol(
+        finished_run):
+    model_dir, stdout = finished_run
+    test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
+    assert test["served_bn_stats"] == "support"
+    assert 0 <= test["served_accuracy"] <= 1 and test["served_ci95"] >= 0
+    # A paired mean difference is the difference of the two means.
+    assert test["served_difference"] == pytest.approx(
+        test["served_accuracy"] - test["accuracy"], abs=1e-12)
+    assert "served, one image at a time" in stdout and "Served - protocol" in stdout
+
+
+def test_a_tasknorm_run_serves_exactly_what_it_reports(tasknorm_run):
+    """Protocol (`eval_step`, support set passed with the queries) and served path
+    (baked task model, fixed statistics) are separate code; they must agree."""
+    model_dir, stdout = tasknorm_run
+    test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
+    assert test["served_bn_stats"] == "tasknorm"
+    assert test["served_accuracy"] == test["accuracy"]
+    assert test["ensemble_served_accuracy"] == test["ensemble_accuracy"]
+    assert test["served_difference"] == 0 and test["served_difference_ci95"] == 0
+    assert "+0.0000 ± 0.0000" in stdout
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", "latest"))
+    alphas = [k for k in reader.get_variable_to_shape_map() if "alpha_scale" in k]
+    assert len(alphas) == 2 and all(reader.get_tensor(k).shape == (2,) for k in alphas)
+    assert any(np.abs(reader.get_tensor(k)).max() > 0 for k in alphas)  # Meta-learned.
 
 
 def test_finished_run_prints_results_instead_of_training(finished_run):
