@@ -66,6 +66,51 @@ def relative_error(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
+def assert_random_directions_match_fd(learner, batch, epoch, grads, trials, seed):
+    """The meta-gradient `grads` along `trials` random directions vs finite differences."""
+    rng = np.random.RandomState(seed)
+    for trial in range(trials):
+        direction = [rng.randn(*g.shape) for g in grads]
+        analytic = sum(np.sum(g * d) for g, d in zip(grads, direction))
+        numeric = directional_fd(learner, batch, epoch, direction)
+        assert relative_error(analytic, numeric) < 1e-5, (trial, analytic, numeric)
+    return rng
+
+
+def hand_unrolled_meta_loss(net, weights, rates, batch, msl_weights):
+    """MAML++'s meta-loss written out with raw TF ops around a hand-written `net`.
+
+    Args:
+      net: `net(x, w, step, support)`: logits of images `x` under weights `w`
+        at batch-norm row `step`; `support` is the task's support set on query
+        passes (for statistics taken from it) and None on support passes.
+      weights: Initial fast weights by name.
+      rates: Inner learning rates `[steps]` by name.
+      batch: A meta-batch of tensors.
+      msl_weights: Per-step query-loss weights (one per inner step).
+
+    Returns:
+      The mean over tasks of `Σ_i msl_weights[i] · L_query(θ_{i+1})`.
+    """
+
+    def ce(y, logits):
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+
+    losses = []
+    for t in range(batch[0].shape[0]):
+        w = dict(weights)
+        total = 0.0
+        for step, weight in enumerate(msl_weights):
+            with tf.GradientTape() as tape:
+                tape.watch(list(w.values()))
+                support_loss = ce(batch[1][t], net(batch[0][t], w, step, None))
+            g = tape.gradient(support_loss, w)
+            w = {k: w[k] - rates[k][step] * g[k] for k in w}
+            total += weight * ce(batch[3][t], net(batch[2][t], w, step, batch[0][t]))
+        losses.append(total)
+    return tf.add_n(losses) / len(losses)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import directional_fd, meta_gradient, random_batch, relative_error, tiny_config
+from conftest import (assert_random_directions_match_fd, directional_fd,
+                      hand_unrolled_meta_loss, meta_gradient, random_batch, relative_error,
+                      tiny_config)
 from mamlpp_tf import MamlPlusPlus
 
 
@@ -19,12 +21,7 @@ def test_second_order_meta_gradient_equals_finite_differences():
     learner = MamlPlusPlus(config)
     batch = random_batch(config, tasks=2)
     _, grads = meta_gradient(learner, batch, epoch=1)  # MSL on: [1/3 - 1/9, ..., ].
-    rng = np.random.RandomState(0)
-    for trial in range(3):
-        direction = [rng.randn(*g.shape) for g in grads]
-        analytic = sum(np.sum(g * d) for g, d in zip(grads, direction))
-        numeric = directional_fd(learner, batch, 1, direction)
-        assert relative_error(analytic, numeric) < 1e-5, (trial, analytic, numeric)
+    rng = assert_random_directions_match_fd(learner, batch, 1, grads, trials=3, seed=0)
     # Each group of variables on its own (network, BN gamma/beta, LSLR).
     for index, variable in enumerate(learner.trainable_variables):
         direction = [np.zeros(g.shape) for g in grads]
@@ -144,7 +141,8 @@ def test_second_order_gradient_of_a_linear_model_in_closed_form():
 def reference_meta_loss(weights, gammas, betas, rates, batch, msl_weights, n_stages):
     """MAML++ written out by hand for the tiny VGG net: conv, BN, leaky ReLU, pool, dense."""
 
-    def net(x, w, step):
+    def net(x, w, step, support):
+        del support  # Batch statistics of `x` itself.
         for i in range(n_stages):
             x = tf.nn.conv2d(x, w[f"conv{i}/kernel"], 1, "SAME") + w[f"conv{i}/bias"]
             mean = tf.reduce_mean(x, axis=[0, 1, 2])
@@ -155,22 +153,7 @@ def reference_meta_loss(weights, gammas, betas, rates, batch, msl_weights, n_sta
         x = tf.reshape(x, [x.shape[0], -1])
         return x @ w["dense/kernel"] + w["dense/bias"]
 
-    def ce(y, logits):
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-
-    task_losses = []
-    for t in range(batch[0].shape[0]):
-        w = dict(weights)
-        total = 0.0
-        for step in range(len(msl_weights)):
-            with tf.GradientTape() as tape:
-                tape.watch(list(w.values()))
-                support_loss = ce(batch[1][t], net(batch[0][t], w, step))
-            g = tape.gradient(support_loss, w)
-            w = {k: w[k] - rates[k][step] * g[k] for k in w}
-            total += msl_weights[step] * ce(batch[3][t], net(batch[2][t], w, step))
-        task_losses.append(total)
-    return tf.add_n(task_losses) / len(task_losses)
+    return hand_unrolled_meta_loss(net, weights, rates, batch, msl_weights)
 
 
 def test_meta_gradient_equals_hand_unrolled_reference():
