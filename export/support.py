@@ -2,8 +2,10 @@
 
 Folder layout: `SUPPORT/<class name>/<image>.png|.jpg|.jpeg`, one sub-folder per
 class. Classes are the sub-folders in sorted order (label `i` is the `i`-th
-name); files with other extensions, hidden files and deeper folders are
-ignored. Classes may hold different numbers of images.
+name); hidden folders, files beside the class folders, and files with other
+extensions, hidden files and deeper folders inside them are skipped, with one
+warning naming them (e.g. `README.txt`, `.DS_Store`). Classes may hold
+different numbers of images.
 
 `.npz` layout: `x` float `[n, H, W, C]` (already preprocessed, as the network
 sees them), `y` integer `[n]` in `[0, N)`, optional `names` `[N]`.
@@ -17,12 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
+from absl import logging
 import numpy as np
 
 from export.preprocessing import Preprocessing
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# TensorFlow wraps an eager op's error as "{{function_node __wrapped__Op_device_…}}
+# <reason> [Op:Op] name: "; only <reason> helps whoever supplied the file.
+_TF_OP_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](\s*name:.*)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,28 +49,38 @@ class SupportSet:
 def class_folders(path: str) -> list[tuple[str, list[str]]]:
     """Lists `(class name, image paths)` of a support folder, classes sorted.
 
+    Logs one warning naming every skipped entry (see the module docstring).
+
     Raises:
       ValueError: `path` is not a folder, has no class folders, or a class
         folder holds no image.
     """
     if not os.path.isdir(path):
         raise ValueError(f"support folder {path} does not exist")
-    classes = []
+    classes, skipped = [], []
     for name in sorted(os.listdir(path)):
         folder = os.path.join(path, name)
         if name.startswith(".") or not os.path.isdir(folder):
+            skipped.append(name + ("/" if os.path.isdir(folder) else ""))
             continue
-        files = sorted(
-            os.path.join(folder, file)
-            for file in os.listdir(folder)
-            if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS) and
-            os.path.isfile(os.path.join(folder, file)))
+        files = []
+        for file in sorted(os.listdir(folder)):
+            file_path = os.path.join(folder, file)
+            if (not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS) and
+                    os.path.isfile(file_path)):
+                files.append(file_path)
+            else:
+                skipped.append(f"{name}/{file}" + ("/" if os.path.isdir(file_path) else ""))
         if not files:
             raise ValueError(f"class {name!r} ({folder}) has no images "
                              f"({'/'.join(IMAGE_EXTENSIONS)})")
         classes.append((name, files))
     if not classes:
         raise ValueError(f"support folder {path} has no class sub-folders")
+    if skipped:
+        logging.warning("support folder %s: skipped %d entries that are neither class "
+                        "folders nor %s images in them: %s", path, len(skipped),
+                        "/".join(IMAGE_EXTENSIONS), ", ".join(skipped))
     return classes
 
 
@@ -86,11 +103,23 @@ def load_support(path: str, preprocessing: Preprocessing, n_way: int) -> Support
     _check_class_count([name for name, _ in classes], n_way, path)
     images, labels = [], []
     for label, (_, files) in enumerate(classes):
-        images += [preprocessing.load_file(file) for file in files]
+        images += [_load_image(preprocessing, file) for file in files]
         labels += [label] * len(files)
     return SupportSet(
         np.stack(images).astype(np.float32), np.asarray(labels, np.int32),
         tuple(name for name, _ in classes))
+
+
+def _load_image(preprocessing: Preprocessing, path: str) -> np.ndarray:
+    """`preprocessing.load_file(path)`, its error stripped of TensorFlow's op wrapping.
+
+    Raises:
+      ValueError: naming the file and why it cannot be read as an image.
+    """
+    try:
+        return preprocessing.load_file(path)
+    except ValueError as error:
+        raise ValueError(_TF_OP_WRAPPING.sub("", str(error))) from None
 
 
 def _check_class_count(names: tuple[str, ...] | list[str], n_way: int,

@@ -33,7 +33,14 @@ def exit_on_user_error(error: BaseException) -> NoReturn:
     """Reports a user error (bad flag combination, file, data) in one line, exit 2.
 
     absl lists each failed validator on its own line; they are joined with "; ".
+    An error with a `command_line` text (`data.DatasetNotFoundError`) prints that
+    instead, as written: its first line says what is wrong in the job's flags,
+    the following ones list the remedies.
     """
+    command_line = getattr(error, "command_line", None)
+    if command_line:
+        print(f"error: {command_line}", file=sys.stderr)
+        sys.exit(2)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     print(f"error: {'; '.join(lines)}", file=sys.stderr)
     sys.exit(2)

@@ -108,7 +108,9 @@ flags.DEFINE_boolean("override_config", False,
                      "Resume a --model_dir created with other flags anyway, recording the "
                      "new ones (by default such a resume is refused with the differences).")
 flags.DEFINE_integer("log_every", 10,
-                     "Iterations between TensorBoard training summaries.", lower_bound=1)
+                     "Iterations between TensorBoard training summaries and, when stdout "
+                     "is not a terminal (a log file), progress lines: iterations done, "
+                     "iterations/s, ETA, mean train loss and accuracy.", lower_bound=1)
 flags.DEFINE_enum("strategy", "default", STRATEGIES,
                   "default: one device; mirrored: the meta-batch's tasks split across "
                   "local GPUs; multi_worker: across machines (TF_CONFIG).")

@@ -268,6 +268,109 @@ class MamlPlusPlus:
             for norm, moment in zip(self.backbone.norms, moments):
                 norm.update_running_stats(step, moment.mean, moment.variance, moment.count)
 
+    # ---------------------------------------------------------- input checks
+
+    def _check_batch(self, batch: Batch | tf.distribute.DistributedValues) -> None:
+        """Checks a meta-batch against the config before any tracing.
+
+        Static shapes and dtypes are checked always; label values whenever they
+        are known (arrays, eager tensors, each replica's part of a distributed
+        batch), not for symbolic tensors inside a `tf.function`.
+
+        Args:
+          batch: A meta-batch, or a distributed one (each replica's part is checked).
+
+        Raises:
+          ValueError: naming the tensor at fault, its shape, dtype or label, and
+            what this learner expects (rank, image shape, lengths per task,
+            labels in `[0, n_way)`).
+        """
+        if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+            raise ValueError("a meta-batch is a tuple (support_x, support_y, query_x, "
+                             f"query_y); got {type(batch).__name__}"
+                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
+                                else ""))
+        for support_x, support_y, query_x, query_y in zip(*map(self._local_parts, batch)):
+            support = self._check_images("support_x", support_x, "T, N·K")
+            query = self._check_images("query_x", query_x, "T, N·Q")
+            if not support[:1].is_compatible_with(query[:1]):
+                raise ValueError(f"support_x has {support[0]} tasks but query_x has "
+                                 f"{query[0]}; a meta-batch has one of each per task")
+            self._check_labels("support_y", support_y, "support_x", support[:2])
+            self._check_labels("query_y", query_y, "query_x", query[:2])
+
+    def _local_parts(self, value) -> tuple:
+        """Each local replica's part of a distributed value; a plain value alone."""
+        if isinstance(value, tf.distribute.DistributedValues):
+            return tuple(self._strategy.experimental_local_results(value))
+        return (value,)
+
+    def _check_images(self, name: str, images, leading: str) -> tf.TensorShape:
+        """Checks images `[*leading, H, W, C]` of the learner's shape and dtype.
+
+        Args:
+          name: The argument's name, for the message.
+          images: A tensor, array or nested list.
+          leading: The leading axes' names, e.g. "T, N·K".
+
+        Returns:
+          The static shape of `images`.
+
+        Raises:
+          ValueError: wrong rank, image shape, dtype, or an empty leading axis.
+        """
+        shape = _static_shape(images)
+        image_shape = self.config.image_shape
+        rank = len(leading.split(",")) + len(image_shape)
+        if shape.rank is not None and (shape.rank != rank or not shape[-3:].is_compatible_with(
+                image_shape) or 0 in shape[:-3].as_list()):
+            raise ValueError(
+                f"{name} must be non-empty images [{leading}, "
+                f"{', '.join(map(str, image_shape))}] for this learner (image_shape="
+                f"{image_shape}); got shape {_describe(shape)}")
+        dtype = getattr(images, "dtype", None)
+        if dtype is not None and tf.as_dtype(dtype) != tf.as_dtype(self.config.dtype):
+            raise ValueError(f"{name} must be {self.config.dtype} (the learner's dtype); "
+                             f"got {tf.as_dtype(dtype).name}")
+        return shape
+
+    def _check_labels(self, name: str, labels, images_name: str,
+                      expected: tf.TensorShape) -> None:
+        """Checks integer labels of shape `expected` with values in `[0, n_way)`.
+
+        Raises:
+          ValueError: wrong shape (one label per image of `images_name`), a
+            non-integer dtype, or a label outside `[0, n_way)`.
+        """
+        shape = _static_shape(labels)
+        if shape.rank is not None and not shape.is_compatible_with(expected):
+            raise ValueError(f"{name} must hold one label per image of {images_name}, "
+                             f"shape {_describe(expected)}; got {_describe(shape)}")
+        dtype = getattr(labels, "dtype", None)
+        if dtype is not None and not tf.as_dtype(dtype).is_integer:
+            raise ValueError(f"{name} must be integer class labels; got "
+                             f"{tf.as_dtype(dtype).name}")
+        values = _known_values(labels)
+        n_way = self.config.n_way
+        if values is not None and values.size and (values.min() < 0 or values.max() >= n_way):
+            raise ValueError(f"{name} holds labels {values.min()}..{values.max()}, but this "
+                             f"learner is {n_way}-way: labels must be in [0, {n_way})")
+
+    def _checked_steps(self, num_steps: int | None) -> int:
+        """`num_steps`, defaulting to `eval_inner_steps`, within `[1, inner_steps]`.
+
+        Raises:
+          ValueError: if it is outside: per-step batch norm and LSLR have
+            `inner_steps` rows.
+        """
+        if num_steps is None:
+            return self.config.eval_inner_steps
+        if not 1 <= num_steps <= self.config.inner_steps:
+            raise ValueError(f"num_steps={num_steps} must be in [1, inner_steps="
+                             f"{self.config.inner_steps}] (per-step batch norm and LSLR "
+                             "have one row per step)")
+        return num_steps
+
     # --------------------------------------------------------------- public
 
     def meta_loss(self, batch: Batch, epoch: int) -> tf.Tensor:
@@ -282,7 +385,11 @@ class MamlPlusPlus:
 
         Returns:
           Scalar: mean over tasks of the task losses.
+
+        Raises:
+          ValueError: as `_check_batch`.
         """
+        self._check_batch(batch)
         msl, second_order, weights = self._epoch_modes(epoch)
         losses, _, _ = self.run_tasks(
             tuple(tf.convert_to_tensor(x) for x in batch), num_steps=self.config.inner_steps,
@@ -319,10 +426,12 @@ class MamlPlusPlus:
 
         Raises:
           RuntimeError: if called inside a non-default `strategy.scope()`.
+          ValueError: as `_check_batch`.
         """
         if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
             raise RuntimeError("call train_step outside `strategy.scope()`: the "
                                "meta-update is applied once, from the default context")
+        self._check_batch(batch)
         msl, second_order, weights = self._epoch_modes(epoch)
         key = (msl, second_order)
         if key not in self._train_fns:
@@ -444,7 +553,11 @@ class MamlPlusPlus:
           [T, N·Q]}` per task: the final-step query loss, accuracy and logits
           (logits are what the top-k ensemble averages) and the query labels,
           gathered from every replica of every worker in replica order.
+
+        Raises:
+          ValueError: as `_check_batch`.
         """
+        self._check_batch(batch)
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
         return self._eval_fn(batch)
@@ -485,8 +598,14 @@ class MamlPlusPlus:
 
         Returns:
           The adapted weights by name; use them with `predict`.
+
+        Raises:
+          ValueError: images or labels that do not fit the learner (see
+            `_check_batch`), or `num_steps` outside `[1, inner_steps]`.
         """
-        num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
+        num_steps = self._checked_steps(num_steps)
+        shape = self._check_images("support_x", support_x, "n")
+        self._check_labels("support_y", support_y, "support_x", shape[:1])
         params = self.backbone.initial_params()
         for step in range(num_steps):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -518,13 +637,16 @@ class MamlPlusPlus:
           Logits `[B, n_way]`.
 
         Raises:
-          ValueError: if the policy needs `support_x` and it is missing.
+          ValueError: if the policy needs `support_x` and it is missing, images
+            that do not fit the learner, or `num_steps` outside `[1, inner_steps]`.
         """
-        num_steps = self.config.eval_inner_steps if num_steps is None else num_steps
+        num_steps = self._checked_steps(num_steps)
+        self._check_images("images", images, "B")
         if self.config.bn_stats in CONTEXT_POLICIES:
             if support_x is None:
                 raise ValueError(f"bn_stats={self.config.bn_stats!r} normalises with the "
                                  "support set's statistics: pass support_x to predict")
+            self._check_images("support_x", support_x, "n")
         else:
             support_x = None
         logits, _ = self._query_pass(self.backbone.forward, support_x, images, params,
@@ -544,6 +666,26 @@ def _static_tasks(batch: Batch) -> int:
                          f"(got shape {batch[0].shape}); give the dataset a fixed "
                          "meta-batch size divisible by the replicas")
     return tasks
+
+
+def _static_shape(value) -> tf.TensorShape:
+    """Static shape of a tensor, array or nested list (unknown sizes as None)."""
+    shape = getattr(value, "shape", None)
+    return tf.TensorShape(np.shape(value) if shape is None else shape)
+
+
+def _describe(shape: tf.TensorShape) -> str:
+    """`shape` as `[2, 10, 28, 28, 1]` (`?` for an unknown size)."""
+    if shape.rank is None:
+        return "of unknown rank"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
+
+
+def _known_values(value) -> np.ndarray | None:
+    """The values of an array, list or eager tensor; None for a symbolic tensor."""
+    if tf.is_tensor(value):
+        return None if tf.is_symbolic_tensor(value) else value.numpy()
+    return np.asarray(value)
 
 
 def _mean_over_tasks(moments: Iterable[BatchMoments], tasks: int | None) -> list[BatchMoments]:

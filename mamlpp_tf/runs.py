@@ -2,7 +2,8 @@
 
 Layout of `--model_dir`:
 
-    config.json              the resolved RunConfig (written once, checked on resume)
+    config.json              the resolved RunConfig (written once the run has passed
+                             every check, checked on resume)
     checkpoints/latest/      tf.train.CheckpointManager: model, LSLR, optimizer
                              (its iteration counter is the task-stream position)
     checkpoints/epoch_NNN/   model + LSLR after epoch NNN, kept for the top-k
@@ -103,29 +104,65 @@ class RunDir:
                                     f"(no {os.path.basename(self.config_path)})")
         return RunConfig.from_dict(read_json(self.config_path))
 
+    def has_progress(self) -> bool:
+        """Whether the run holds anything to resume: a checkpoint, an epoch, results.
+
+        Anything in `checkpoints/latest/` counts, even a half-written first
+        checkpoint: only a directory with none is free for other flags.
+        """
+        latest = os.path.isdir(self.latest_dir) and bool(os.listdir(self.latest_dir))
+        return latest or bool(self.kept_epochs()) or os.path.exists(self.results_path)
+
+    def check_config(self, config: RunConfig, override: bool = False) -> list[str]:
+        """Checks, without writing, that `config` may run in `model_dir`.
+
+        A run with progress (`has_progress`) made with other flags refuses
+        them unless `override`; a `config.json` alone (a start that failed or
+        stopped before its first checkpoint) does not.
+
+        Args:
+          config: The config of this invocation.
+          override: Accept a config that differs from the run's.
+
+        Returns:
+          The accepted differences from the recorded config, one
+          `--flag: old -> new` each (none for a new or unchanged run).
+
+        Raises:
+          ValueError: listing the flags that differ from the existing run.
+        """
+        if not os.path.exists(self.config_path):
+            return []
+        differences = config_differences(self.read_config(), config)
+        if differences and not override and self.has_progress():
+            raise ValueError(
+                f"--model_dir={self.model_dir} was created with other flags "
+                f"({'; '.join(differences)}); use a new --model_dir, the original "
+                "flags, or --override_config")
+        return differences
+
     def write_or_check_config(self, config: RunConfig, override: bool = False) -> None:
         """Records `config` for a new run, or checks a resumed run was made with it.
+
+        Call it once the run is known to start (flags, data and tasks
+        validated): a `config.json` claims the directory for these flags.
 
         Args:
           config: The config of this invocation.
           override: Accept (and record) a config that differs from the run's.
 
         Raises:
-          ValueError: listing the flags that differ from the existing run.
+          ValueError: as `check_config`.
         """
-        if os.path.exists(self.config_path):
-            differences = config_differences(self.read_config(), config)
-            if differences and override:
+        differences = self.check_config(config, override)
+        if not os.path.exists(self.config_path) or differences:
+            if differences and self.has_progress():
                 logging.warning("--override_config: %s now runs with %s", self.model_dir,
                                 "; ".join(differences))
-                write_json_atomic(self.config_path, config.to_dict())
             elif differences:
-                raise ValueError(
-                    f"--model_dir={self.model_dir} was created with other flags "
-                    f"({'; '.join(differences)}); use a new --model_dir, the original "
-                    "flags, or --override_config")
-            return
-        write_json_atomic(self.config_path, config.to_dict())
+                logging.info("%s holds no checkpoint; starting afresh with %s",
+                             self.model_dir, "; ".join(differences))
+            write_json_atomic(self.config_path, config.to_dict())
 
     # ---------------------------------------------------------------- history
 

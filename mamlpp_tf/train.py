@@ -6,6 +6,13 @@ Re-running the same command resumes from the last checkpoint (a kill at any
 moment loses at most `--checkpoint_every` iterations); a finished run prints its
 results instead of training again. SIGTERM/SIGINT save a checkpoint and exit
 with status 128 + signal number.
+
+Flags, data and task splits are checked before anything is written to
+`--model_dir`, so a start that fails claims nothing; a directory that holds no
+checkpoint (e.g. only the `config.json` of an older failed start) takes any
+flags. Progress: a live bar on a terminal; in a log file (stdout not a
+terminal), a line every `--log_every` iterations with the rate and the ETA.
+`--help` lists the job's flags, `--helpfull` those of every library too.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 import time
 from typing import Callable
 
+from absl import flags
 from absl import logging
 import keras
 import numpy as np
@@ -76,9 +84,14 @@ def train(config: RunConfig, log_every: int = 10,
           override_config: bool = False) -> dict:
     """Trains (or resumes) the run of `config` and returns its results.
 
+    Nothing is written to `model_dir` before the run has passed every check
+    (flags against the run directory, data, episode shapes, task splits), so a
+    failed start leaves it as it was.
+
     Args:
       config: The run.
-      log_every: Iterations between TensorBoard training summaries.
+      log_every: Iterations between TensorBoard training summaries and, when
+        stdout is not a terminal, progress lines in the log.
       on_iteration: Called with the iteration count after every meta-step
         (tests use it to inject faults).
       override_config: Resume a `model_dir` made with other flags anyway
@@ -96,25 +109,31 @@ def train(config: RunConfig, log_every: int = 10,
     start_time = time.time()
     strategy = distribute.resolve(config.strategy, config.meta_batch_size, config.cpu_replicas)
     chief = distribute.is_chief(strategy)
-    with runs.RunLock(config.model_dir) if chief else contextlib.nullcontext():
-        return _train_locked(config, strategy, chief, start_time, log_every, on_iteration,
-                             override_config)
-
-
-def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bool,
-                  start_time: float, log_every: int,
-                  on_iteration: Callable[[int], None] | None,
-                  override_config: bool) -> dict:
-    """`train` once this process owns the run directory."""
     run = runs.RunDir(config.model_dir)
     if chief:
-        run.write_or_check_config(config, override=override_config)
+        run.check_config(config, override=override_config)
     finished = run.read_results()
     if finished is not None:
         logging.info("Run in %s already finished; not training again.", config.model_dir)
         return finished
     sets = experiment.load_class_sets(config)
     learner = experiment.build_learner(config, strategy)
+    replicas = strategy.num_replicas_in_sync
+    val_tasks = experiment.eval_tasks(config, sets["val"], "val", config.val_tasks, replicas)
+    # Built only to fail now, not after training, if the test tasks do not fit.
+    experiment.eval_tasks(config, sets["test"], "test", config.test_tasks, replicas)
+    with runs.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+        if chief:
+            run.write_or_check_config(config, override=override_config)
+        return _train_locked(config, strategy, chief, run, sets, learner, val_tasks,
+                             start_time, log_every, on_iteration)
+
+
+def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bool,
+                  run: runs.RunDir, sets: dict[str, data.ClassSet], learner: MamlPlusPlus,
+                  val_tasks: tf.data.Dataset, start_time: float, log_every: int,
+                  on_iteration: Callable[[int], None] | None) -> dict:
+    """`train` once the run is checked and this process owns the run directory."""
     # Progress is counted apart from the optimiser: a skipped (non-finite)
     # update still consumes its meta-batch of the task stream.
     counters = {name: tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
@@ -128,8 +147,6 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
     # the restored one has a history entry; later entries are from a crash and
     # are recomputed (identically: training is deterministic given the seed).
     history = [h for h in run.read_history() if h["epoch"] < iteration // per_epoch]
-    replicas = strategy.num_replicas_in_sync
-    val_tasks = experiment.eval_tasks(config, sets["val"], "val", config.val_tasks, replicas)
     writers = {name: tf.summary.create_file_writer(os.path.join(run.tensorboard_dir, name))
                for name in ("train", "val")} if chief else {}
     if iteration < total:
@@ -138,10 +155,7 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
         if poison_at > iteration:
             tasks = _poison(tasks, poison_at - iteration - 1)
         tasks = distribute.distribute_dataset(strategy, tasks)
-        # A live bar on a terminal; one line per epoch in log files.
-        progress = keras.utils.Progbar(total, unit_name="meta-iteration",
-                                       verbose=1 if sys.stdout.isatty() else 2,
-                                       stateful_metrics=["loss", "accuracy", "epoch"])
+        progress = progress_reporter(total, log_every, terminal=sys.stdout.isatty())
         with _SignalFlag() as signals:
             for batch in tasks:
                 epoch = iteration // per_epoch
@@ -154,9 +168,7 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
                     on_iteration(iteration)
                 values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
                 values["skipped_updates"] = float(counters["skipped_updates"].numpy())
-                progress.update(iteration, [("loss", values["loss"]),
-                                            ("accuracy", values["accuracy"]),
-                                            ("epoch", epoch)])
+                progress.update(iteration, epoch, values["loss"], values["accuracy"])
                 if chief and (iteration % log_every == 0 or iteration % per_epoch == 0):
                     _train_summaries(writers["train"], learner, values, iteration)
                 if iteration % per_epoch == 0:
@@ -178,6 +190,91 @@ def _train_locked(config: RunConfig, strategy: tf.distribute.Strategy, chief: bo
     if chief:
         run.write_results(results)
     return results
+
+
+class ProgressBar:
+    """Training progress on a terminal: Keras' live progress bar.
+
+    Args:
+      total: Iterations of the whole run.
+    """
+
+    def __init__(self, total: int):
+        self._bar = keras.utils.Progbar(total, unit_name="meta-iteration",
+                                        stateful_metrics=["loss", "accuracy", "epoch"])
+
+    def update(self, iteration: int, epoch: int, loss: float, accuracy: float) -> None:
+        """Shows meta-iteration `iteration` (1-based) and its batch's metrics."""
+        self._bar.update(iteration, [("loss", loss), ("accuracy", accuracy), ("epoch", epoch)])
+
+
+class ProgressLines:
+    """Training progress for log files: one log line every `every` iterations.
+
+    Without a terminal, Keras' bar prints only when the whole run ends; a line
+    per `every` iterations shows that a job of days is alive and when it will end.
+
+    Args:
+      total: Iterations of the whole run.
+      every: Iterations between lines (the last iteration always gets one).
+      clock: Seconds of a monotonic clock (tests pass their own).
+    """
+
+    def __init__(self, total: int, every: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self._total = total
+        self._every = every
+        self._clock = clock
+        self._since_line: list[tuple[float, float]] = []
+        # (iteration, time) at the end of this process's first step: the rate
+        # leaves out its tracing, and includes validation.
+        self._start: tuple[int, float] | None = None
+
+    def update(self, iteration: int, epoch: int, loss: float, accuracy: float) -> None:
+        """Records meta-iteration `iteration` (1-based); logs a line when one is due.
+
+        The line shows iterations done/total, the epoch, the mean loss and
+        accuracy of the training batches since the previous line, iterations
+        per second since this process's first step and the time left at that
+        rate.
+        """
+        now = self._clock()
+        if self._start is None:
+            self._start = (iteration, now)
+        self._since_line.append((loss, accuracy))
+        if iteration % self._every and iteration < self._total:
+            return
+        done, elapsed = iteration - self._start[0], now - self._start[1]
+        if done and elapsed > 0:
+            rate = done / elapsed
+            speed = (f"{rate:.3g} iterations/s, ETA "
+                     f"{format_duration((self._total - iteration) / rate)}")
+        else:
+            speed = "speed: after the next line"
+        losses, accuracies = np.mean(self._since_line, axis=0)
+        logging.info("iteration %d/%d (epoch %d): train loss %.4f, accuracy %.4f (mean of "
+                     "%d); %s", iteration, self._total, epoch, losses, accuracies,
+                     len(self._since_line), speed)
+        self._since_line.clear()
+
+
+def progress_reporter(total: int, every: int, terminal: bool) -> ProgressBar | ProgressLines:
+    """Keras' live bar on a terminal, a log line every `every` iterations otherwise."""
+    return ProgressBar(total) if terminal else ProgressLines(total, every)
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as the two largest units, e.g. "2d 05h", "3h 07m", "4m 09s", "12s"."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
 
 
 def _restore_latest(manager: tf.train.CheckpointManager) -> None:
@@ -333,4 +430,7 @@ def _train() -> str:
 
 
 if __name__ == "__main__":
+    # --help lists the main module's flags; the job's are defined in mamlpp_tf.flags.
+    flags.adopt_module_key_flags(run_flags)
+    flags.declare_key_flag("flagfile")
     cli.run(_train)

@@ -17,7 +17,23 @@ import numpy as np
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The data of a dataset is neither prepared nor obtainable; says how to fix it."""
+    """The data of a dataset is neither prepared nor obtainable; says how to fix it.
+
+    `str(error)` words the remedies for the Python API (`data_dir=`,
+    `download=`); `command_line` words them for the training job's flags.
+
+    Args:
+      message: The problem and its remedies, in the Python API's terms.
+      command_line: The same in command-line terms (`--data_dir=DIR
+        --nodownload`); defaults to `message`.
+
+    Attributes:
+      command_line: The message for command-line users.
+    """
+
+    def __init__(self, message: str, command_line: str | None = None):
+        super().__init__(message)
+        self.command_line = command_line or message
 
 
 @runtime_checkable
@@ -102,3 +118,15 @@ class ClassSet:
         if isinstance(self.images, np.ndarray):
             return self.images[class_index, image_indices]
         return self.images.take(class_index, image_indices)
+
+    def __repr__(self) -> str:
+        """A one-line summary: the dataclass default would print every pixel."""
+        counts = self.counts
+        per_class = (str(counts[0]) if len(set(counts)) == 1 else
+                     f"{min(counts)}-{max(counts)}") if counts else "0"
+        storage = ("in memory" if isinstance(self.images, np.ndarray) else
+                   f"read on demand by {type(self.images).__name__}")
+        return (f"ClassSet(dataset={self.dataset!r}, split={self.split!r}, "
+                f"classes={self.num_classes}, images_per_class={per_class}, "
+                f"image_shape={self.image_shape}, dtype=float32, augment={self.augment}, "
+                f"images {storage})")
