@@ -5,11 +5,60 @@ the layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`,
 and the schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
 """
 
+import contextlib
+import io
 import os
+import sys
+import tempfile
+from typing import Iterator
 
-# TensorFlow's C++ INFO lines (oneDNN, CPU features) are noise for our users;
-# an explicit TF_CPP_MIN_LOG_LEVEL in the environment still wins.
+# TensorFlow's C++ INFO lines (CPU features) are noise for our users; an
+# explicit TF_CPP_MIN_LOG_LEVEL in the environment still wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+# Two notices TensorFlow 2.21 writes to file descriptor 2 while its libraries
+# load, whatever TF_CPP_MIN_LOG_LEVEL says (each twice).
+_LOAD_NOTICES = ("All log messages before absl::InitializeLog() is called",
+                 "oneDNN custom operations are on")
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(patterns: tuple[str, ...]) -> Iterator[None]:
+    """Inside the block, lines written to file descriptor 2 that contain a pattern are dropped.
+
+    TensorFlow's load notices come from C++ before any logging is configured,
+    so file descriptor 2 is the only place to filter them. Everything else
+    written meanwhile (a real warning or error) is written back unchanged when
+    the block ends. Where stderr has no file descriptor, nothing is filtered.
+    """
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(stderr_fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), stderr_fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, stderr_fd)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = [line for line in lines if not any(p in line for p in patterns)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+# TF_CPP_MIN_LOG_LEVEL=0 asks for every line, these included.
+with (drop_stderr_lines(_LOAD_NOTICES) if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0" else
+      contextlib.nullcontext()):
+    import keras
+    import tensorflow
+del keras, tensorflow  # Imported only to load them here; the package's modules import them.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mamlpp_tf.backbone import VGGBackbone

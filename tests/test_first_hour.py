@@ -270,12 +270,29 @@ def test_a_corrupt_image_is_named_without_tensorflow_noise(tmp_path):
 # --- Quiet, useful output ---------------------------------------------------------------
 
 
-def test_help_lists_the_jobs_own_flags():
+def test_help_lists_the_jobs_own_flags_without_tensorflow_load_notices():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run([sys.executable, "-m", "mamlpp_tf.train", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, text=True, timeout=300, check=False, env=env)
     for flag in ("--flagfile", "--model_dir", "--data_dir", "--[no]download", "--n_way",
                  "--log_every", "--[no]override_config"):
         assert flag in result.stdout, (flag, result.stderr[-2000:])
+    assert result.stderr == "", result.stderr[-2000:]
+    # Asked for every line, TensorFlow's notices are there: the filter is what removed them.
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    loud = subprocess.run([sys.executable, "-c", "import mamlpp_tf"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert "oneDNN custom operations are on" in loud.stderr
+
+
+def test_stderr_filter_drops_only_the_matching_lines():
+    """At the file-descriptor level, where C++ writes (a subprocess: pytest owns fd 2 here)."""
+    code = ("import os, mamlpp_tf\n"
+            "with mamlpp_tf.drop_stderr_lines(('load notice',)):\n"
+            "    os.write(2, b'I0000 a load notice\\nW0000 a real warning\\n')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=True)
+    assert result.stderr == "W0000 a real warning\n"
 
 
 def test_class_set_repr_summarises_instead_of_dumping_pixels():
