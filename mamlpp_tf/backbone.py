@@ -67,7 +67,7 @@ def _pool(x: tf.Tensor, impl: str) -> tf.Tensor:
 class VGGBackbone(keras.layers.Layer):
     """Conv(3×3, bias) → per-step BN → LeakyReLU(0.01) → max-pool, repeated; then dense.
 
-    SPEC §1: `num_stages` stages of `num_filters` 3×3 convolutions (stride 1,
+    As the official `VGGReLUNormNetwork`: `num_stages` stages of `num_filters` 3×3 convolutions (stride 1,
     padding 1, with bias), batch norm, leaky ReLU with slope 0.01 and 2×2/2
     max pooling; flatten; a dense layer to `n_way` logits. Kernels are
     Glorot-uniform, biases zero. With `max_pooling=False` it is the

@@ -13,7 +13,8 @@ TASK_IMPLS = ("loop", "batched", "auto")
 class LearnerConfig:
     """Everything that defines a learner's network, inner loop and outer loop.
 
-    Defaults are the official MAML++ Omniglot 5-way 1-shot values (SPEC §9).
+    Defaults are the official MAML++ Omniglot 5-way 1-shot values (the official code's
+    experiment configs, AntreasAntoniou/HowToTrainYourMAMLPytorch).
 
     Attributes:
       n_way: Classes per task (size of the head).

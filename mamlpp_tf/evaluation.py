@@ -1,6 +1,7 @@
 """The evaluation protocol: fixed tasks, per-task accuracy, 95% CI, top-k logit ensembles.
 
-SPEC §10: the same fixed tasks at every evaluation; the test ensembles the
+As in the official code's `ExperimentBuilder`: the same fixed tasks at every
+evaluation; the test ensembles the
 top-k validation epochs by averaging their final-step query *logits*. We
 report the mean accuracy over tasks with a 95% confidence interval over tasks
 (1.96·std/√tasks), and also the official code's per-sample standard deviation

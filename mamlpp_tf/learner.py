@@ -83,7 +83,7 @@ class MamlPlusPlus:
     Args:
       config: The learner's hyper-parameters.
       optimizer: Outer optimiser; defaults to Adam(β=(0.9, 0.999), ε from the
-        config) with the per-epoch cosine schedule of SPEC §7.
+        config) with the official code's per-epoch cosine schedule.
       backbone: The network; defaults to the `VGGBackbone` the config
         describes. Any layer with the same fast-weight interface works
         (`param_names`, `initial_params()`, `forward`, `forward_tasks` for the
@@ -534,7 +534,7 @@ class MamlPlusPlus:
         return False, True
 
     def _clip(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise clip of the summed network gradients, never LSLR's, SPEC §7."""
+        """Element-wise clip of the summed network gradients, never LSLR's (as the official code)."""
         clip = self.config.grad_clip
         if not clip:
             return grads

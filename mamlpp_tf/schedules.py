@@ -1,7 +1,7 @@
 """MAML++'s annealing schedules: multi-step loss weights, derivative order, meta-LR.
 
 All three are functions of the integer epoch `e = iteration // iterations_per_epoch`,
-exactly as in the official code (SPEC §5–§7), so they are constant within an
+exactly as in the official code (`few_shot_learning_system.py`), so they are constant within an
 epoch and a resumed run picks them up from the iteration counter alone.
 """
 
@@ -23,7 +23,7 @@ def msl_active(epoch: int, msl_epochs: int) -> bool:
 
 
 def msl_weights(epoch: int, num_steps: int, msl_epochs: int) -> np.ndarray:
-    """Per-step importance of the query losses (MAML++'s MSL, SPEC §5).
+    """Per-step query-loss weights (MSL; the official `get_per_step_loss_importance_vector`).
 
     Non-final steps start at `1/N` and lose `1/(N·E)` per epoch down to a floor of
     `0.03/N`; the final step gains what they lose, so the weights always sum to 1.
@@ -55,7 +55,7 @@ def msl_weights(epoch: int, num_steps: int, msl_epochs: int) -> np.ndarray:
 
 
 def use_second_order(epoch: int, second_order: bool, first_order_epochs: int) -> bool:
-    """Derivative-order annealing (SPEC §6): second order iff `epoch > first_order_epochs`.
+    """Derivative-order annealing (paper §4, DA): second order iff `epoch > first_order_epochs`.
 
     Args:
       epoch: Integer epoch.
@@ -71,7 +71,8 @@ def use_second_order(epoch: int, second_order: bool, first_order_epochs: int) ->
 
 def cosine_meta_lr(epoch: int | float, meta_lr: float, min_meta_lr: float,
                    total_epochs: int) -> float:
-    """Cosine-annealed meta learning rate of epoch `epoch` (SPEC §7, CA).
+    """Cosine-annealed meta learning rate of epoch `epoch` (paper §4, CA; the official code steps
+    PyTorch's `CosineAnnealingLR` once per epoch).
 
     `lr(e) = min + (max - min) · (1 + cos(π e / T)) / 2`, PyTorch's
     `CosineAnnealingLR` in closed form with `T_max = total_epochs`.

@@ -14,7 +14,7 @@ def count_params(backbone):
 
 
 @pytest.mark.parametrize("n_way,image_shape,filters,want", [
-    (5, (28, 28, 1), 64, 114_309),   # SPEC §1: Omniglot 5-way, per-step BN, 5 steps.
+    (5, (28, 28, 1), 64, 114_309),   # Official net: Omniglot 5-way, per-step BN, 5 steps.
     (20, (28, 28, 1), 64, 115_284),  # Omniglot 20-way.
     (5, (84, 84, 3), 48, 71_621),    # mini-ImageNet.
 ])

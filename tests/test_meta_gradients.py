@@ -161,7 +161,7 @@ def test_meta_gradient_equals_hand_unrolled_reference():
     learner = MamlPlusPlus(config)
     batch = random_batch(config, tasks=2)
     epoch = 1
-    # SPEC §5 with N=2, E=3, e=1; the official weights are float32.
+    # The official MSL weights with N=2, E=3, e=1; the official weights are float32.
     msl = np.float32([1 / 2 - 1 / 6, 1 / 2 + 1 / 6]).astype(np.float64)
     _, grads = meta_gradient(learner, batch, epoch)
     got = dict(zip([v.path for v in learner.trainable_variables], grads))

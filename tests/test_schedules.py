@@ -1,4 +1,4 @@
-"""MSL weights, derivative-order annealing and the cosine meta-LR (SPEC §5–§7, §13)."""
+"""MSL weights, derivative-order annealing and the cosine meta-LR (the official code's formulas)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""N-way K-shot episodes, drawn exactly as the official MAML++ `get_set` (SPEC §8.1).
+"""N-way K-shot episodes, drawn exactly as the official MAML++ `get_set` (`data.py`).
 
 Every task comes from its own `np.random.RandomState(task_seed)`, consumed in the
 official order: the N classes (`choice` without replacement, then `shuffle`), N

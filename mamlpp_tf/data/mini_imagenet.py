@@ -8,7 +8,7 @@ Two layouts, as users download them:
   `<data_dir>/{train,val,test}.csv` with a `filename,label` header (label = wnid).
 
 Classes of a split are sorted by wnid (the official order); images of a class are
-sorted by file name. Preprocessing (SPEC §8.3): PIL resize to 84x84 (a no-op for
+sorted by file name. Preprocessing (as the official `data.py`): PIL resize to 84x84 (a no-op for
 the usual 84x84 files), RGB, /255, then per-channel ImageNet normalisation
 `(x - mean) / std`. Images are decoded lazily, per episode, or all at load time
 and kept in memory as uint8 (about 1.3 GB for the 60,000 images).

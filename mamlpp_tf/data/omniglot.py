@@ -8,7 +8,7 @@ usual data dir; `data_dir` may point at a prepared TFDS data dir (one holding
 with `download=True`, loading fails within seconds (a connection to the
 download host is tried first) rather than after TFDS's minutes of retries.
 
-Preprocessing (SPEC §8.2): one channel, 28x28 nearest-neighbour with source
+Preprocessing (as the official `data.py`): one channel, 28x28 nearest-neighbour with source
 index floor((x + 0.5) * 105 / 28) (what Pillow does for the official 1-bit
 PNGs), values {0, 1} float32 with background 1. The whole dataset is decoded
 once per process (a few seconds) and kept as `[classes, 20, 28, 28, 1]`.
@@ -93,7 +93,7 @@ def class_name(tfds_label_name: str) -> str:
 
 
 def paper_split(class_names: Sequence[str]) -> dict[str, list[str]]:
-    """The official MAML++ class split (SPEC §8.2) of the given classes.
+    """The official MAML++ class split (the official code's class lists) of the given classes.
 
     Args:
       class_names: All class names (any order; 1623 for the paper's split).

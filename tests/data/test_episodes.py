@@ -1,4 +1,4 @@
-"""Tests of the episode sampler against the official `get_set` RNG use (SPEC §8.1)."""
+"""Tests of the episode sampler against the official `get_set` RNG use (`data.py`)."""
 
 from __future__ import annotations
 
