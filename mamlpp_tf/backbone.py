@@ -67,8 +67,8 @@ def _pool(x: tf.Tensor, impl: str) -> tf.Tensor:
 class VGGBackbone(keras.layers.Layer):
     """Conv(3×3, bias) → per-step BN → LeakyReLU(0.01) → max-pool, repeated; then dense.
 
-    As the official `VGGReLUNormNetwork`: `num_stages` stages of `num_filters` 3×3 convolutions (stride 1,
-    padding 1, with bias), batch norm, leaky ReLU with slope 0.01 and 2×2/2
+    As the official `VGGReLUNormNetwork`: `num_stages` stages of `num_filters`
+    3×3 convolutions (stride 1, padding 1, with bias), batch norm, leaky ReLU with slope 0.01 and 2×2/2
     max pooling; flatten; a dense layer to `n_way` logits. Kernels are
     Glorot-uniform, biases zero. With `max_pooling=False` it is the
     strided-convolution variant of the paper's stability figure: stride-2
@@ -198,8 +198,8 @@ class VGGBackbone(keras.layers.Layer):
 
         With stride 1 that padding is TF's `SAME`, whose gradients run on
         oneDNN on CPU instead of the Eigen kernels that explicit padding
-        selects: 1.2–1.5× faster per meta-iteration (benchmarks/README.md). Stride 2 needs explicit padding (`SAME` would pad
-        only after).
+        selects: faster per meta-iteration (benchmarks/README.md). Stride 2
+        needs explicit padding (`SAME` would pad only after).
         """
         if self.max_pooling:
             return tf.nn.conv2d(x, kernel, strides=1, padding="SAME")

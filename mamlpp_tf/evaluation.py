@@ -232,7 +232,8 @@ def format_results(results: dict) -> str:
     lines += [f"{name:<36}{acc:>10.4f}{ci:>10.4f}{std}" for name, acc, ci, std in rows]
     if "served_accuracy" in test:
         lines.append(f"Served - protocol (best single model, paired over tasks): "
-                     f"{test['served_difference'] + 0.0:+.4f} ± {test['served_difference_ci95']:.4f} "
+                     f"{test['served_difference'] + 0.0:+.4f} ± "
+                     f"{test['served_difference_ci95']:.4f} "
                      f"(task model statistics: {test['served_bn_stats']})")
     return "\n".join(lines)
 

@@ -534,7 +534,7 @@ class MamlPlusPlus:
         return False, True
 
     def _clip(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise clip of the summed network gradients, never LSLR's (as the official code)."""
+        """Element-wise clip of the summed network gradients, never LSLR's (as officially)."""
         clip = self.config.grad_clip
         if not clip:
             return grads
