@@ -14,9 +14,10 @@ EXTRAS = {
     "gpu": ["tensorflow[and-cuda]>=2.16"],
     "tf": ["tensorflow>=2.16"],
     "test": ["pytest>=7", "hypothesis>=6", "pillow>=9", "psutil>=5"],
-    # No "serving" extra: tensorflow-serving-api (the gRPC protos of export.client)
-    # requires the full `tensorflow` wheel, which must not sit beside tensorflow-cpu.
-    # Install it with `pip install --no-deps tensorflow-serving-api`.
+    # No "serving" extra: tensorflow-serving-api (the protos of the exports' warm-up
+    # records and of export.client's gRPC path) requires the full `tensorflow` wheel,
+    # which must not sit beside tensorflow-cpu. Install it with
+    # `pip install --no-deps tensorflow-serving-api`.
 }
 
 setuptools.setup(

@@ -1,9 +1,9 @@
 """A small client for the exported models served by TF Serving (REST or gRPC).
 
     # task model: classify image files
-    python -m export.client --model_name=omniglot_task --images=a.png,b.png
+    python -m export.client --model_name=omniglot_5way_task --images=a.png,b.png
     # meta-model: adapt to a support folder (one sub-folder per class), classify queries
-    python -m export.client --model_name=omniglot_meta --support=SUPPORT \
+    python -m export.client --model_name=omniglot_5way_meta --support=SUPPORT \
         --query=q1.png,q2.png
     # gRPC instead of REST
     python -m export.client --protocol=grpc --server=localhost:8500 --model_name=... ...
@@ -11,59 +11,113 @@
     python -m export.client --model_name=... --images=a.png --print_request
 
 Image files are sent as they are to the `predict_encoded` signature, which
-decodes and preprocesses them in the graph. Prints one
-`file<TAB>class<TAB>probability` line per image.
+decodes and preprocesses them in the graph, so the client needs no
+preprocessing and, over REST, nothing beyond the standard library and numpy
+(no TensorFlow: argparse, not absl). A meta-model request carries one task
+(a task axis of 1, see `export.serving_requests`). Prints one
+`file<TAB>class<TAB>probability` line per image; bad flags or files and
+server errors are reported in one `error:` line with exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-
-from absl import flags
+import sys
+from typing import Sequence
 
 from export import serving_requests
-from mamlpp_tf import cli
-
-flags.DEFINE_string(
-    "server", "localhost:8501", "host:port of TF Serving's REST API "
-    "(--protocol=rest) or gRPC API (--protocol=grpc, usually port 8500).")
-flags.DEFINE_enum("protocol", "rest", serving_requests.PROTOCOLS, "API to use.")
-flags.DEFINE_string("model_name", None, "Model name in TF Serving's model config.")
-flags.DEFINE_integer("model_version",
-                     None,
-                     "Version to query (default: the latest).",
-                     lower_bound=1)
-flags.DEFINE_list("images", [], "Task model: image files to classify.")
-flags.DEFINE_string("support", None,
-                    "Meta-model: support folder, one sub-folder of images per class.")
-flags.DEFINE_list("query", [], "Meta-model: image files to classify.")
-flags.DEFINE_float("timeout_s", 30.0, "Request timeout in seconds.", lower_bound=0)
-flags.DEFINE_bool("print_request", False, "Print the REST request body as JSON and "
-                  "exit without sending it.")
-flags.mark_flag_as_required("model_name")
-FLAGS = flags.FLAGS
 
 
-def _predict() -> str | None:
-    if FLAGS.support is not None:
-        if not FLAGS.query or FLAGS.images:
+def _file_list(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.client",
+        description="Predict requests to the exported models served by TF Serving.")
+    parser.add_argument("--server",
+                        default="localhost:8501",
+                        help="host:port of TF Serving's REST API (--protocol=rest) or "
+                        "gRPC API (--protocol=grpc, usually port 8500).")
+    parser.add_argument("--protocol",
+                        default="rest",
+                        choices=serving_requests.PROTOCOLS,
+                        help="API to use.")
+    parser.add_argument("--model_name",
+                        required=True,
+                        help="Model name in TF Serving's model config.")
+    parser.add_argument("--model_version",
+                        type=int,
+                        help="Version to query (default: the latest).")
+    parser.add_argument("--images",
+                        type=_file_list,
+                        default=[],
+                        help="Task model: comma-separated image files to classify.")
+    parser.add_argument("--support",
+                        help="Meta-model: support folder, one sub-folder of images per "
+                        "class.")
+    parser.add_argument("--query",
+                        type=_file_list,
+                        default=[],
+                        help="Meta-model: comma-separated image files to classify.")
+    parser.add_argument("--timeout_s",
+                        type=float,
+                        default=30.0,
+                        help="Request timeout in seconds.")
+    parser.add_argument("--print_request",
+                        action="store_true",
+                        help="Print the REST request body as JSON and exit without "
+                        "sending it.")
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> str:
+    """The lines to print for parsed `args`.
+
+    Raises:
+      ValueError: a bad flag combination or support folder.
+      OSError: an unreadable image file.
+      ImportError, serving_requests.ServingError: see `serving_requests.predict`.
+    """
+    if args.model_version is not None and args.model_version < 1:
+        raise ValueError(f"--model_version={args.model_version} must be >= 1")
+    if args.timeout_s <= 0:
+        raise ValueError(f"--timeout_s={args.timeout_s} must be > 0")
+    if args.support is not None:
+        if not args.query or args.images:
             raise ValueError("--support needs --query (the images to classify) and "
                              "excludes --images")
-        inputs, class_names = serving_requests.meta_inputs(FLAGS.support, FLAGS.query)
-        files = FLAGS.query
-    elif FLAGS.images and not FLAGS.query:
-        inputs, class_names = serving_requests.task_inputs(FLAGS.images), None
-        files = FLAGS.images
+        inputs, class_names = serving_requests.meta_inputs(args.support, args.query)
+        files = args.query
+    elif args.images and not args.query:
+        inputs, class_names = serving_requests.task_inputs(args.images), None
+        files = args.images
     else:
-        raise ValueError("give --images (task model) or --support and --query (meta-model)")
-    if FLAGS.print_request:
+        raise ValueError(
+            "give --images (task model) or --support and --query (meta-model)")
+    if args.print_request:
         body = serving_requests.rest_body(serving_requests.ENCODED_SIGNATURE, inputs)
         return json.dumps(body, indent=1)
-    outputs = serving_requests.predict(FLAGS.protocol, FLAGS.server, FLAGS.model_name, inputs,
-                                       FLAGS.model_version, FLAGS.timeout_s)
+    outputs = serving_requests.predict(args.protocol, args.server, args.model_name,
+                                       inputs, args.model_version, args.timeout_s)
+    if class_names is not None:
+        outputs = serving_requests.one_task(outputs)
     return serving_requests.format_predictions(files, outputs, class_names)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the client on `argv` (default: the command line); returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        print(_predict(args))
+    except (ValueError, OSError, ImportError, serving_requests.ServingError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    cli.run(_predict, user_errors=(ValueError, OSError, ImportError,
-                                   serving_requests.ServingError))
+    sys.exit(main())

@@ -3,11 +3,12 @@
     python -m export.meta_model --model_dir=RUN --export_dir=BASE/NAME [--epoch=E]
 
 Writes `BASE/NAME/<version>/` (the next free version) with signatures
-`serving_default(support_images, support_labels, query_images)` and
-`predict_encoded(support_image_bytes, support_labels, query_image_bytes)`, both
-answering `{logits, probabilities, class_ids}` with the run's inner loop run in
-the graph (any K-shot, any number of queries, N-way fixed); prints the
-version folder. See `export.saved_models`.
+`serving_default(support_images [T, N·K, H, W, C], support_labels [T, N·K],
+query_images [T, Q, H, W, C])` and `predict_encoded(support_image_bytes
+[T, N·K], support_labels [T, N·K], query_image_bytes [T, Q])`, both answering
+`{logits, probabilities, class_ids}` per task with the run's inner loop run in
+the graph (any K-shot, any number of queries, N-way fixed), and TF Serving's
+warm-up records; prints the version folder. See `export.saved_models`.
 """
 
 from __future__ import annotations
@@ -34,4 +35,5 @@ def _export() -> str:
 
 
 if __name__ == "__main__":
-    cli.run(_export)
+    # ImportError: tensorflow-serving-api (the warm-up records) missing; it names the install.
+    cli.run(_export, user_errors=(ValueError, FileNotFoundError, ImportError))

@@ -7,26 +7,28 @@ TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
 `tf.Module` holding Keras 3 layers reloads in Python only).
 
 * **Task model**: the run's network adapted to one support set, as a plain
-  classifier. It is a one-step copy of the network (`task_network`) holding the
-  adapted weights, the batch-norm gamma/beta of the last inner step and fixed
-  normalisation statistics (`bake_task`), evaluated with the `running`
-  policy, so every image is classified on its own: alone or in a batch, the
-  answer is the same. The statistics (`bn_stats`):
-    - `"support"` (default for `bn_stats=batch` runs): the batch statistics of
-      the support set through the adapted weights at the last step's
-      batch-norm row. The training-time protocol normalises the query batch
-      with its own statistics; the support set is the only sample of the
-      task's N classes known at export time, class-balanced like a query
-      batch, so its statistics are the export-time estimate of what the query
-      batch would give. On the support images the task model reproduces
-      `learner.predict(support, learner.adapt(support))` exactly.
-    - `"running"` (default for `bn_stats=running` runs): the per-step running
-      statistics of the last step, i.e. exactly `learner.predict` of such a run.
+  classifier (`mamlpp_tf.task_model`): adapted weights, the last inner step's
+  batch-norm variables and fixed normalisation statistics, so every image is
+  classified on its own: alone or in a batch, the answer is the same. For
+  `--bn_stats=support|tasknorm|running` runs that is exactly the computation
+  the run was scored with; for `--bn_stats=batch` runs the support set's
+  statistics stand in for the query batch's (the run's `served_accuracy`
+  measures the difference).
 * **Meta-model**: `learner.adapt` + `learner.predict` inside the graph for
-  every request, i.e. the per-task logits of `learner.eval_step` (for
-  `bn_stats=batch` runs that is the transductive training-time protocol: the
-  query batch is normalised with its own statistics, so send a task's queries
-  together).
+  every request, i.e. the per-task logits of `learner.eval_step`. Under
+  `--bn_stats=support|tasknorm` a query's answer does not depend on the
+  other queries of the request; under `batch` (the transductive official
+  protocol) the queries of a request are normalised together, so send a
+  task's queries in one request. Its inputs have a leading task axis, so TF
+  Serving's request batching can merge concurrent requests; every task is
+  adapted on its own.
+
+Every version holds TF Serving's warm-up file (`WARMUP_PATH`): requests of
+the model's real shapes for each signature, which the server replays when it
+loads the version, so that no client request pays a signature's first run.
+Writing it needs the protos of tensorflow-serving-api (`pip install --no-deps
+tensorflow-serving-api`, as CI does); without them an export fails with an
+ImportError naming that command and writes nothing.
 
 Versions: `<export_dir>/<n>/` with `n` one above the largest existing
 version. The SavedModel is written to a hidden temporary folder inside
@@ -40,23 +42,34 @@ import contextlib
 import json
 import os
 import shutil
+from typing import Sequence
 import uuid
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from export import serving_requests
 from export.preprocessing import Preprocessing
 from export.support import load_support
 from mamlpp_tf import experiment
 from mamlpp_tf import runs
+from mamlpp_tf import task_model
 from mamlpp_tf.backbone import VGGBackbone
-from mamlpp_tf.config import LearnerConfig, RunConfig
+from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 
-BN_STATS = ("support", "running")
 # Written beside the SavedModel; TF Serving ignores assets.extra/ except warm-up files.
 INFO_PATH = os.path.join("assets.extra", "export_info.json")
+# TF Serving's warm-up file, replayed when it loads a version; it refuses more records.
+WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000
+# Batch sizes of the task model's warm-up requests: the allowed_batch_sizes of
+# export/serving/batching_parameters.txt, i.e. every batch TF Serving forms with
+# it (each new batch size pays its first run on CPU too; see benchmarks/README.md).
+TASK_WARMUP_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# A warm-up request: (signature name, inputs by name).
+WarmupRequest = tuple[str, serving_requests.Inputs]
 
 
 def restore_learner(model_dir: str,
@@ -79,78 +92,6 @@ def restore_learner(model_dir: str,
     learner = experiment.build_learner(config)
     run.restore_epoch(learner, epoch)
     return config, learner, epoch
-
-
-def default_bn_stats(config: LearnerConfig) -> str:
-    """The task model's statistics for a run: its own policy's evaluation statistics."""
-    return "running" if config.bn_stats == "running" else "support"
-
-
-def task_network(learner: MamlPlusPlus) -> VGGBackbone:
-    """A one-step copy of the learner's network, normalising with stored statistics."""
-    config, backbone = learner.config, learner.backbone
-    return VGGBackbone(n_way=config.n_way,
-                       image_shape=config.image_shape,
-                       num_filters=config.num_filters,
-                       num_stages=config.num_stages,
-                       max_pooling=config.max_pooling,
-                       num_steps=1,
-                       per_step_bn=True,
-                       bn_policy="running",
-                       pool_impl=backbone.pool_impl,
-                       dtype=config.dtype,
-                       name="task_network")
-
-
-def bake_task(learner: MamlPlusPlus, network: VGGBackbone, support_x: tf.Tensor,
-              support_y: tf.Tensor, bn_stats: str) -> None:
-    """Adapts to a support set and stores the result in `network` (a `task_network`).
-
-    Works eagerly and inside a `tf.function`. `network.forward(x,
-    network.initial_params(), 0, False)` then gives the task model's logits.
-
-    Args:
-      learner: The meta-trained learner (left unchanged).
-      network: Receives the adapted weights, the last step's gamma/beta and
-        the fixed statistics.
-      support_x: Support images `[n, H, W, C]` in the learner's dtype.
-      support_y: Labels `[n]` in `[0, n_way)`.
-      bn_stats: One of `BN_STATS` (see the module docstring).
-
-    Raises:
-      ValueError: unknown `bn_stats`, or `"running"` for a network without
-        per-step running statistics.
-    """
-    check_bn_stats(learner.config, bn_stats)
-    step = learner.config.eval_inner_steps - 1
-    params = learner.adapt(support_x, support_y)
-    if bn_stats == "support":
-        # training=True: batch statistics in every layer, whatever the policy.
-        _, moments = learner.backbone.forward(support_x, params, step, True)
-        statistics = [(m.mean, m.variance) for m in moments]
-    else:
-        statistics = [(tf.convert_to_tensor(norm.running_mean)[step],
-                       tf.convert_to_tensor(norm.running_var)[step])
-                      for norm in learner.backbone.norms]
-    for name, value in params.items():
-        network.weights_by_name[name].assign(value)
-    for source, target, (mean, variance) in zip(learner.backbone.norms, network.norms,
-                                                statistics):
-        rows = ((target.gamma, source.gamma), (target.beta, source.beta))
-        for variable, value in rows:
-            value = tf.convert_to_tensor(value)
-            variable.assign((value[step] if source.per_step else value)[None])
-        target.running_mean.assign(mean[None])
-        target.running_var.assign(variance[None])
-
-
-def check_bn_stats(config: LearnerConfig, bn_stats: str) -> None:
-    """Raises `ValueError` unless `bn_stats` is usable with the run's network."""
-    if bn_stats not in BN_STATS:
-        raise ValueError(f"--bn_stats={bn_stats!r} must be one of {BN_STATS}")
-    if bn_stats == "running" and not config.per_step_bn:
-        raise ValueError("--bn_stats=running needs a run with --per_step_bn: shared "
-                         "batch norm (plain MAML) keeps no running statistics")
 
 
 def _checked(tensor: tf.Tensor, shape: list[int | None]) -> tf.Tensor:
@@ -205,29 +146,55 @@ def task_archive(network: VGGBackbone, class_names: tuple[str, ...],
 
 def meta_archive(learner: MamlPlusPlus,
                  preprocessing: Preprocessing) -> keras.export.ExportArchive:
-    """The meta-model: adapts to the request's support set, classifies its queries.
+    """The meta-model: adapts to each task's support set, classifies its queries.
 
-    `serving_default(support_images, support_labels, query_images)` and
-    `predict_encoded(support_image_bytes, support_labels, query_image_bytes)`
-    return `logits` and `probabilities` float32 `[Q, N]` and `class_ids` int32
-    `[Q]`. Any number of support images per class and of queries; labels in
-    `[0, N)`.
+    Every input has a leading task axis `T`: TF Serving's request batching
+    concatenates concurrent requests along dimension 0 and needs every input
+    of a signature to share it. Each task is adapted on its own, exactly
+    `learner.predict(query, learner.adapt(support_x, support_y),
+    support_x=support_x)`, whatever the other tasks of the batch:
+
+    * `serving_default(support_images [T, N·K, H, W, C], support_labels
+      [T, N·K], query_images [T, Q, H, W, C])`;
+    * `predict_encoded(support_image_bytes [T, N·K], support_labels [T, N·K],
+      query_image_bytes [T, Q])`: PNG/JPEG bytes of any size, preprocessed in
+      the graph as training did.
+
+    Both return `logits` and `probabilities` float32 `[T, Q, N]` and
+    `class_ids` int32 `[T, Q]`. Any number of support images per class and of
+    queries, the same in every task of a request; labels in `[0, N)`. Requests
+    that break this are refused with InvalidArgument naming the input at
+    fault. There is no signature without the task axis: with batching on, TF
+    Serving would refuse it (support and queries differ in length) or, when
+    they happen to match, concatenate two requests' support sets into one task.
     """
     config = learner.config
-    shape = [None, *preprocessing.image_shape]
+    image_shape = list(preprocessing.image_shape)
+
+    def adapt_and_predict(task: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        support_x, support_y, query_x = task
+        params = learner.adapt(support_x, support_y)
+        return learner.predict(query_x, params, support_x=support_x)
 
     def respond(support_images: tf.Tensor, support_labels: tf.Tensor,
                 query_images: tf.Tensor) -> dict[str, tf.Tensor]:
-        support_images = _checked(support_images, shape)
-        query_images = _checked(query_images, shape)
-        support_labels = _checked(support_labels, [None])
-        count = tf.shape(support_labels)[0]
+        support_images = _checked(support_images, [None, None, *image_shape])
+        query_images = _checked(query_images, [None, None, *image_shape])
+        support_labels = _checked(support_labels, [None, None])
+        labels_shape = tf.shape(support_labels)
         checks = [
-            tf.debugging.assert_positive(count, message="support set is empty"),
             tf.debugging.assert_equal(
-                count,
-                tf.shape(support_images)[0],
-                message="support_labels and support_images differ in length"),
+                tf.shape(support_images)[:2],
+                labels_shape,
+                message="support_labels [T, N·K] and support_images "
+                "[T, N·K, H, W, C] differ in length"),
+            tf.debugging.assert_equal(
+                tf.shape(query_images)[0],
+                labels_shape[0],
+                message="query_images and support_images differ in their number of "
+                "tasks T"),
+            tf.debugging.assert_positive(labels_shape[1],
+                                         message="support set is empty"),
             tf.debugging.assert_non_negative(support_labels,
                                              message="support_labels must be >= 0"),
             tf.debugging.assert_less(
@@ -236,28 +203,38 @@ def meta_archive(learner: MamlPlusPlus,
                 message=f"support_labels must be < n_way = {config.n_way}"),
         ]
         with tf.control_dependencies(checks):
-            support_images = tf.cast(support_images, config.dtype)
-        params = learner.adapt(support_images, support_labels)
-        logits = learner.predict(tf.cast(query_images, config.dtype), params)
+            tasks = (tf.cast(support_images, config.dtype), tf.identity(support_labels),
+                     tf.cast(query_images, config.dtype))
+        # Tasks one after another (a while loop): each one's computation is the
+        # library's single-task one, unchanged by what else the batch holds.
+        logits = tf.map_fn(adapt_and_predict,
+                           tasks,
+                           fn_output_signature=tf.TensorSpec([None, config.n_way],
+                                                             config.dtype))
         outputs = _outputs(logits)
         outputs["logits"] = tf.cast(logits, tf.float32)
         return outputs
 
-    def predict_encoded(support_image_bytes, support_labels, query_image_bytes):
-        return respond(
-            preprocessing.decode_batch(_checked(support_image_bytes, [None])),
-            support_labels,
-            preprocessing.decode_batch(_checked(query_image_bytes, [None])))
+    def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+        """Strings `[T, M]` as float32 images `[T, M, H, W, C]`."""
+        image_bytes = _checked(image_bytes, [None, None])
+        images = preprocessing.decode_batch(tf.reshape(image_bytes, [-1]))
+        return tf.reshape(images, tf.concat([tf.shape(image_bytes), image_shape], 0))
+
+    def predict_encoded(support_image_bytes: tf.Tensor, support_labels: tf.Tensor,
+                        query_image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        return respond(decode(support_image_bytes), support_labels,
+                       decode(query_image_bytes))
 
     images = [
-        tf.TensorSpec(shape, tf.float32, name=f"{role}_images")
+        tf.TensorSpec([None, None, *image_shape], tf.float32, name=f"{role}_images")
         for role in ("support", "query")
     ]
     encoded = [
-        tf.TensorSpec([None], tf.string, name=f"{role}_image_bytes")
+        tf.TensorSpec([None, None], tf.string, name=f"{role}_image_bytes")
         for role in ("support", "query")
     ]
-    labels = tf.TensorSpec([None], tf.int32, name="support_labels")
+    labels = tf.TensorSpec([None, None], tf.int32, name="support_labels")
     archive = keras.export.ExportArchive()
     archive.track(learner.backbone)
     archive.track(learner.lslr)
@@ -270,26 +247,131 @@ def meta_archive(learner: MamlPlusPlus,
     return archive
 
 
+def sample_images(preprocessing: Preprocessing, count: int,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` PNG images of the model's size, and the float images the graph makes.
+
+    Random pixels: warm-up requests need the shapes and code paths of real
+    requests, not their content.
+
+    Returns:
+      `(png_bytes object [count], images float32 [count, H, W, C])`, the
+      second being `preprocessing.decode` of the first.
+    """
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (count, *preprocessing.image_shape), dtype=np.uint8)
+    encoded = np.empty(count, dtype=object)
+    for i, image in enumerate(pixels):
+        encoded[i] = tf.io.encode_png(image).numpy()
+    images = np.stack(
+        [preprocessing.decode(tf.constant(png)).numpy() for png in encoded])
+    return encoded, images
+
+
+def task_warmup(preprocessing: Preprocessing,
+                batch_sizes: tuple[int, ...]) -> list[WarmupRequest]:
+    """Warm-up requests of the task model: both signatures at each of `batch_sizes`."""
+    encoded, images = sample_images(preprocessing, max(batch_sizes))
+    requests = []
+    for size in batch_sizes:
+        requests += [("serving_default", {"images": images[:size]}),
+                     ("predict_encoded", {"image_bytes": encoded[:size]})]
+    return requests
+
+
+def meta_warmup(preprocessing: Preprocessing, n_way: int, k_shot: int,
+                n_query: int) -> list[WarmupRequest]:
+    """Warm-up requests of the meta-model: one N-way K-shot task per signature.
+
+    `N·n_query` queries, the run's episode shape, in one task (as
+    `export.client` sends). More tasks need no record of their own: a task's
+    computation has the same shapes whatever the request's task count.
+    """
+    support, queries = n_way * k_shot, n_way * n_query
+    encoded, images = sample_images(preprocessing, support + queries)
+    labels = np.repeat(np.arange(n_way, dtype=np.int32), k_shot)[None]
+    return [
+        ("serving_default",
+         dict(support_images=images[None, :support],
+              support_labels=labels,
+              query_images=images[None, support:])),
+        ("predict_encoded",
+         dict(support_image_bytes=encoded[None, :support],
+              support_labels=labels,
+              query_image_bytes=encoded[None, support:])),
+    ]
+
+
+def write_warmup(path: str, model_name: str, requests: Sequence[WarmupRequest]) -> None:
+    """Writes `requests` as TF Serving's warm-up file (`WARMUP_PATH` of a version).
+
+    A TFRecord of `tensorflow.serving.PredictionLog`s, each holding a
+    PredictRequest; TF Serving replays them when it loads the version, before
+    it serves, so no client request pays the first run of a signature.
+
+    Args:
+      path: File to write.
+      model_name: `model_spec.name` of the requests (TF Serving replays them
+        on the model being loaded, whatever its name).
+      requests: `(signature name, inputs)` pairs.
+
+    Raises:
+      ValueError: no request, or more than TF Serving accepts.
+      ImportError: tensorflow-serving-api is not installed.
+    """
+    if not 1 <= len(requests) <= MAX_WARMUP_RECORDS:
+        raise ValueError(f"{len(requests)} warm-up requests: TF Serving takes 1 to "
+                         f"{MAX_WARMUP_RECORDS}")
+    prediction_log = serving_requests.serving_api("prediction_log_pb2",
+                                                  "TF Serving warm-up records")
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature, inputs in requests:
+            record = prediction_log.PredictionLog()
+            record.predict_log.request.CopyFrom(
+                serving_requests.grpc_request(model_name, signature, inputs))
+            writer.write(record.SerializeToString())
+
+
 def next_version(export_dir: str) -> int:
     """One above the largest numeric version folder in `export_dir` (1 for none)."""
     names = os.listdir(export_dir) if os.path.isdir(export_dir) else []
     return max((int(n) for n in names if n.isascii() and n.isdigit()), default=0) + 1
 
 
-def write_version(export_dir: str, archive: keras.export.ExportArchive,
-                  info: dict) -> str:
-    """Writes `archive` (and `info` as `INFO_PATH`) as the next version of `export_dir`.
+def write_version(export_dir: str,
+                  archive: keras.export.ExportArchive,
+                  info: dict,
+                  warmup: Sequence[WarmupRequest] = ()) -> str:
+    """Writes `archive` as the next version of `export_dir`, with its extra files.
+
+    `info` goes to `INFO_PATH`, and `warmup` (if any) to TF Serving's warm-up
+    file `WARMUP_PATH` (see `write_warmup`), all in the hidden temporary
+    folder that is renamed at the end, so a served version always has them.
+
+    Args:
+      export_dir: `BASE/NAME`; its base name is the warm-up requests' model name.
+      archive: The SavedModel.
+      info: JSON-serialisable description of the export.
+      warmup: `(signature name, inputs)` pairs to replay when TF Serving loads
+        the version; none writes no warm-up file.
 
     Returns:
       The new version folder.
+
+    Raises:
+      ValueError, ImportError: as `write_warmup` (nothing is written then).
     """
     created = not os.path.isdir(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     temporary = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
     os.mkdir(temporary)
     try:
+        os.makedirs(os.path.join(temporary, "assets.extra"))
+        if warmup:
+            # First: a missing tensorflow-serving-api fails before the long write.
+            write_warmup(os.path.join(temporary, WARMUP_PATH),
+                         os.path.basename(os.path.normpath(export_dir)), warmup)
         archive.write_out(temporary, verbose=False)
-        os.makedirs(os.path.dirname(os.path.join(temporary, INFO_PATH)), exist_ok=True)
         with open(os.path.join(temporary, INFO_PATH), "w") as stream:
             json.dump(info, stream, indent=2, sort_keys=True)
         while True:
@@ -334,7 +416,8 @@ def export_task_model(model_dir: str,
       support: Support folder or `.npz` (see `export.support`).
       export_dir: `BASE/NAME`; the model becomes `BASE/NAME/<version>/`.
       epoch: Checkpoint to adapt from; default the best validation epoch kept.
-      bn_stats: One of `BN_STATS`; default `default_bn_stats` of the run.
+      bn_stats: One of `task_model.BN_STATS`; default
+        `task_model.default_bn_stats` of the run.
 
     Returns:
       The version folder written.
@@ -342,13 +425,16 @@ def export_task_model(model_dir: str,
     Raises:
       ValueError, FileNotFoundError: a bad run, support set or option (nothing
         is written then).
+      ImportError: tensorflow-serving-api (for the warm-up records) is not
+        installed; nothing is written.
     """
     config, learner, epoch = restore_learner(model_dir, epoch)
-    bn_stats = bn_stats or default_bn_stats(config.learner)
+    bn_stats = bn_stats or task_model.default_bn_stats(config.learner)
+    task_model.check_bn_stats(config.learner, bn_stats)
     preprocessing = Preprocessing.for_run(config)
     support_set = load_support(support, preprocessing, config.learner.n_way)
-    network = task_network(learner)
-    bake_task(learner, network, tf.constant(support_set.images, config.learner.dtype),
+    network = task_model.task_network(learner, bn_stats, len(support_set.labels))
+    task_model.bake_task(learner, network, tf.constant(support_set.images, config.learner.dtype),
               tf.constant(support_set.labels), bn_stats)
     archive = task_archive(network, support_set.class_names, preprocessing)
     info = _info("task",
@@ -360,7 +446,8 @@ def export_task_model(model_dir: str,
                  class_names=list(support_set.class_names),
                  support=os.path.abspath(support),
                  support_per_class=np.bincount(support_set.labels).tolist())
-    return write_version(export_dir, archive, info)
+    warmup = task_warmup(preprocessing, TASK_WARMUP_BATCH_SIZES)
+    return write_version(export_dir, archive, info, warmup)
 
 
 def export_meta_model(model_dir: str, export_dir: str, epoch: int | None = None) -> str:
@@ -376,4 +463,6 @@ def export_meta_model(model_dir: str, export_dir: str, epoch: int | None = None)
                  epoch,
                  preprocessing,
                  bn_stats=config.learner.bn_stats)
-    return write_version(export_dir, meta_archive(learner, preprocessing), info)
+    warmup = meta_warmup(preprocessing, config.learner.n_way, config.k_shot,
+                         config.n_query)
+    return write_version(export_dir, meta_archive(learner, preprocessing), info, warmup)

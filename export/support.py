@@ -21,12 +21,11 @@ import dataclasses
 import os
 import re
 
-from absl import logging
 import numpy as np
 
 from export.preprocessing import Preprocessing
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Folder reading lives with the light client, which must not import TensorFlow.
+from export.serving_requests import class_folders
 # TensorFlow wraps an eager op's error as "{{function_node __wrapped__Op_device_…}}
 # <reason> [Op:Op] name: "; only <reason> helps whoever supplied the file.
 _TF_OP_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](\s*name:.*)?$")
@@ -44,44 +43,6 @@ class SupportSet:
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
-
-
-def class_folders(path: str) -> list[tuple[str, list[str]]]:
-    """Lists `(class name, image paths)` of a support folder, classes sorted.
-
-    Logs one warning naming every skipped entry (see the module docstring).
-
-    Raises:
-      ValueError: `path` is not a folder, has no class folders, or a class
-        folder holds no image.
-    """
-    if not os.path.isdir(path):
-        raise ValueError(f"support folder {path} does not exist")
-    classes, skipped = [], []
-    for name in sorted(os.listdir(path)):
-        folder = os.path.join(path, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            skipped.append(name + ("/" if os.path.isdir(folder) else ""))
-            continue
-        files = []
-        for file in sorted(os.listdir(folder)):
-            file_path = os.path.join(folder, file)
-            if (not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS) and
-                    os.path.isfile(file_path)):
-                files.append(file_path)
-            else:
-                skipped.append(f"{name}/{file}" + ("/" if os.path.isdir(file_path) else ""))
-        if not files:
-            raise ValueError(f"class {name!r} ({folder}) has no images "
-                             f"({'/'.join(IMAGE_EXTENSIONS)})")
-        classes.append((name, files))
-    if not classes:
-        raise ValueError(f"support folder {path} has no class sub-folders")
-    if skipped:
-        logging.warning("support folder %s: skipped %d entries that are neither class "
-                        "folders nor %s images in them: %s", path, len(skipped),
-                        "/".join(IMAGE_EXTENSIONS), ", ".join(skipped))
-    return classes
 
 
 def load_support(path: str, preprocessing: Preprocessing, n_way: int) -> SupportSet:

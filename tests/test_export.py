@@ -3,9 +3,9 @@
 The run exported here is made in-process (random weights with distinct per-step
 batch-norm rows and learning rates, no training): what is tested is that the
 served graphs compute what the library computes, not that the model is good.
-TF Serving itself is not installable here; `saved_model_cli run` (the TF1
-SavedModel loader TF Serving uses) and in-process stand-ins for its REST and
-gRPC front ends are the loader checks.
+TF Serving itself is not installable here; `saved_model_cli run` and
+`tf.compat.v1` sessions (the TF1 SavedModel loader TF Serving uses) and
+in-process stand-ins for its REST and gRPC front ends are the loader checks.
 """
 
 import base64
@@ -23,22 +23,29 @@ import types
 import grpc
 import numpy as np
 from PIL import Image
+from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pool
+from google.protobuf import message_factory
 from google.protobuf import text_format
+from google.protobuf import wrappers_pb2
 import pytest
 import tensorflow as tf
 try:
     from tensorflow_serving.apis import predict_pb2
+    from tensorflow_serving.apis import prediction_log_pb2
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     from tensorflow_serving.config import model_server_config_pb2
-except ImportError:  # An optional dependency: only the gRPC client needs it.
-    predict_pb2 = prediction_service_pb2_grpc = model_server_config_pb2 = None
+except ImportError:  # Optional: the exports' warm-up records and gRPC need it.
+    predict_pb2 = prediction_log_pb2 = None
+    prediction_service_pb2_grpc = model_server_config_pb2 = None
 
 from export import preprocessing
 from export import saved_models
 from export import serving_requests
-from export.support import load_support
+from export.support import class_folders, load_support
 from mamlpp_tf import experiment
 from mamlpp_tf import runs
+from mamlpp_tf import task_model
 from mamlpp_tf.config import LearnerConfig, RunConfig
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
 
@@ -128,6 +135,9 @@ def run_command(command: list[str], cwd: str = ROOT) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A run, a support folder, query images, and both models exported by their CLIs."""
+    if predict_pb2 is None:
+        pytest.skip("exports write warm-up records: they need tensorflow-serving-api "
+                    "(pip install --no-deps tensorflow-serving-api)")
     base = tmp_path_factory.mktemp("export")
     model_dir = make_run(str(base / "run"))
     images = glyph_images(4, seed=7)
@@ -178,7 +188,29 @@ def library_task_probabilities(learner, support, images) -> np.ndarray:
 
 
 def library_meta_logits(learner, support_x, support_y, query_x) -> np.ndarray:
-    return learner.predict(query_x, learner.adapt(support_x, support_y)).numpy()
+    """One task as the library computes it: `predict` under `adapt`'s weights."""
+    params = learner.adapt(support_x, support_y)
+    return learner.predict(query_x, params, support_x=support_x).numpy()
+
+
+def session_run(path: str,
+                requests: list[tuple[str, dict]]) -> list[dict[str, np.ndarray]]:
+    """Runs `(signature, inputs)` requests on a SavedModel as TF Serving does.
+
+    TF Serving loads a version with the TF1 loader and answers with
+    `Session.run` on the signature's tensors; so does this, in order.
+    """
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+        with graph.as_default():
+            signatures = tf.compat.v1.saved_model.loader.load(session, ["serve"],
+                                                              path).signature_def
+        answers = []
+        for name, inputs in requests:
+            fetches = {key: info.name for key, info in signatures[name].outputs.items()}
+            feeds = {signatures[name].inputs[key].name: v for key, v in inputs.items()}
+            answers.append(session.run(fetches, feeds))
+        return answers
 
 
 # --------------------------------------------------------------- task model
@@ -270,11 +302,47 @@ def test_npz_support_gives_the_folder_model_with_its_names(exported, tmp_path):
            ] == [names[i] for i in from_npz["class_ids"].numpy()]
 
 
+def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
+        tmp_path, exported):
+    """Both exporters on a --bn_stats=tasknorm run: one image at a time = the protocol."""
+    model_dir = make_run(str(tmp_path / "run"), bn_stats="tasknorm", seed=2)
+    config, learner, _ = saved_models.restore_learner(model_dir)
+    rng = np.random.RandomState(3)
+    for norm in learner.backbone.norms:  # TaskNorm's blend away from α = 0.5.
+        norm.alpha_scale.assign(rng.normal(0.0, 0.3, norm.alpha_scale.shape))
+        norm.alpha_offset.assign(rng.normal(0.0, 1.0, norm.alpha_offset.shape))
+    runs.RunDir(model_dir).save_epoch(learner, EPOCH)
+    task_path = saved_models.export_task_model(model_dir, exported.support_dir,
+                                               str(tmp_path / "task"))
+    meta_path = saved_models.export_meta_model(model_dir, str(tmp_path / "meta"))
+    with open(os.path.join(task_path, saved_models.INFO_PATH)) as stream:
+        assert json.load(stream)["bn_stats"] == "tasknorm"
+    support = exported.support
+    queries = exported.queries.astype(np.float32)
+    protocol = learner.eval_step(
+        (support.images[None], support.labels[None], queries[None],
+         np.zeros((1, len(queries)), np.int32)))["logits"].numpy()[0]
+    task = tf.saved_model.load(task_path).signatures["serving_default"]
+    meta = tf.saved_model.load(meta_path).signatures["serving_default"]
+    for q in range(len(queries)):
+        alone = task(images=tf.constant(queries[q:q + 1]))["probabilities"].numpy()[0]
+        np.testing.assert_allclose(alone, softmax(protocol[q]), atol=1e-5)
+        logits = meta(support_images=tf.constant(support.images[None]),
+                      support_labels=tf.constant(support.labels[None]),
+                      query_images=tf.constant(queries[None, q:q + 1]))["logits"]
+        logits = logits.numpy()[0, 0]
+        np.testing.assert_allclose(logits, protocol[q], atol=1e-5)
+    with pytest.raises(ValueError, match="tasknorm"):
+        saved_models.export_task_model(model_dir, exported.support_dir,
+                                       str(tmp_path / "other"), bn_stats="support")
+    assert not os.path.exists(tmp_path / "other")
+
+
 def test_running_statistics_need_per_step_batch_norm():
     config = LearnerConfig(per_step_bn=False)
     with pytest.raises(ValueError, match="needs a run with --per_step_bn"):
-        saved_models.check_bn_stats(config, "running")
-    saved_models.check_bn_stats(config, "support")
+        task_model.check_bn_stats(config, "running")
+    task_model.check_bn_stats(config, "support")
 
 
 # --------------------------------------------------------------- meta-model
@@ -288,15 +356,17 @@ def test_meta_model_adapts_any_shot_and_query_count_like_the_library(
     support_x = images[:, :k_shot].reshape(-1, *SHAPE)
     support_y = np.repeat(np.arange(5), k_shot).astype(np.int32)
     query_x = images[:, k_shot:].reshape(-1, *SHAPE)[:queries]
-    out = serve(support_images=tf.constant(support_x),
-                support_labels=tf.constant(support_y),
-                query_images=tf.constant(query_x))
+    out = serve(support_images=tf.constant(support_x[None]),
+                support_labels=tf.constant(support_y[None]),
+                query_images=tf.constant(query_x[None]))
+    assert out["logits"].shape == (1, queries, 5)
+    assert out["class_ids"].shape == (1, queries)
     expected = library_meta_logits(exported.learner, support_x, support_y, query_x)
-    np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(out["probabilities"].numpy(),
+    np.testing.assert_allclose(out["logits"].numpy()[0], expected, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].numpy()[0],
                                softmax(expected),
                                atol=1e-5)
-    assert (out["class_ids"].numpy() == expected.argmax(axis=1)).all()
+    assert (out["class_ids"].numpy()[0] == expected.argmax(axis=1)).all()
     # adapt + predict is the per-task logits of eval_step (the evaluation protocol).
     batch = (support_x[None], support_y[None], query_x[None],
              np.zeros((1, queries), np.int32))
@@ -305,36 +375,103 @@ def test_meta_model_adapts_any_shot_and_query_count_like_the_library(
                                atol=1e-5)
 
 
+def _tasks(count: int, seed: int) -> dict[str, np.ndarray]:
+    """`count` 5-way 2-shot tasks with 5 queries, classes in a different order each."""
+    rng = np.random.default_rng(seed)
+    tasks = dict(support_images=[], support_labels=[], query_images=[])
+    for t in range(count):
+        images = glyph_images(3, seed=seed * 10 + t)
+        order = rng.permutation(5)
+        tasks["support_images"].append(images[order, :2].reshape(-1, *SHAPE))
+        tasks["support_labels"].append(np.repeat(np.arange(5), 2).astype(np.int32))
+        tasks["query_images"].append(images[rng.permutation(5), 2])
+    return {name: np.stack(value) for name, value in tasks.items()}
+
+
+def test_meta_model_answers_concatenated_requests_as_each_alone(exported):
+    """TF Serving's batching concatenates requests along axis 0: each keeps its own."""
+    serve = tf.saved_model.load(exported.meta_dir).signatures["serving_default"]
+    first, second = _tasks(1, seed=1), _tasks(2, seed=2)
+    alone = [serve(**{k: tf.constant(v) for k, v in request.items()})
+             for request in (first, second)]
+    tasks = {k: np.concatenate([first[k], second[k]]) for k in first}
+    together = serve(**{k: tf.constant(v) for k, v in tasks.items()})
+    for name in ("logits", "probabilities", "class_ids"):
+        np.testing.assert_allclose(together[name].numpy(),
+                                   np.concatenate([a[name].numpy() for a in alone]),
+                                   rtol=0,
+                                   atol=1e-6)
+    for t in range(3):
+        expected = library_meta_logits(exported.learner, tasks["support_images"][t],
+                                       tasks["support_labels"][t],
+                                       tasks["query_images"][t])
+        np.testing.assert_allclose(together["logits"].numpy()[t], expected, atol=1e-5)
+    # Distinct tasks, distinct answers: the test would see answers mixed up.
+    logits = together["logits"].numpy()
+    assert np.abs(logits[1] - logits[2]).max() > 1e-2
+
+
 def test_meta_model_encoded_signature_equals_float_signature(exported):
     model = tf.saved_model.load(exported.meta_dir)
-    support_files = [
-        os.path.join(exported.support_dir, name, "a.png") for name in SORTED_NAMES
-    ]
-    labels = tf.range(5, dtype=tf.int32)
-    floats = model.signatures["serving_default"](support_images=tf.constant(
-        np.stack([exported.preprocessing.load_file(f) for f in support_files])),
-                                                 support_labels=labels,
-                                                 query_images=tf.constant(
-                                                     exported.queries))
-    encoded = model.signatures["predict_encoded"](
-        support_image_bytes=tf.constant(serving_requests.read_files(support_files)),
+    # Two tasks: one 28x28 and one 61x61 support image per class.
+    support_files = [[os.path.join(exported.support_dir, name, file)
+                      for name in SORTED_NAMES]
+                     for file in ("a.png", "b.png")]
+    labels = tf.constant([np.arange(5), np.arange(5)[::-1]], tf.int32)
+    queries = [exported.query_files[:4], exported.query_files[4:8]]
+    floats = model.signatures["serving_default"](
+        support_images=tf.constant([[exported.preprocessing.load_file(f) for f in files]
+                                    for files in support_files]),
         support_labels=labels,
-        query_image_bytes=tf.constant(serving_requests.read_files(
-            exported.query_files)))
+        query_images=tf.constant([[exported.preprocessing.load_file(f) for f in files]
+                                  for files in queries]))
+    encoded = model.signatures["predict_encoded"](
+        support_image_bytes=tf.constant(
+            np.stack([serving_requests.read_files(files) for files in support_files])),
+        support_labels=labels,
+        query_image_bytes=tf.constant(
+            np.stack([serving_requests.read_files(files) for files in queries])))
+    assert encoded["logits"].shape == (2, 4, 5)
     np.testing.assert_allclose(encoded["logits"].numpy(),
                                floats["logits"].numpy(),
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("labels,message",
-                         [([0, 1, 2, 3, 5], "support_labels must be < n_way = 5"),
-                          ([0, 1, 2, 3], "differ in length")])
-def test_meta_model_rejects_bad_labels(exported, labels, message):
+@pytest.mark.parametrize("labels,query_tasks,message", [
+    ([[0, 1, 2, 3, 5]], 1, "support_labels must be < n_way = 5"),
+    ([[0, 1, 2, 3, -1]], 1, "support_labels must be >= 0"),
+    ([[0, 1, 2, 3]], 1, r"support_labels \[T, N·K\] and support_images .* differ in"),
+    ([[0, 1, 2, 3, 4]], 2, "query_images and support_images differ in their number of"),
+])
+def test_meta_model_rejects_bad_requests(exported, labels, query_tasks, message):
     serve = tf.saved_model.load(exported.meta_dir).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-        serve(support_images=tf.constant(exported.queries[:5]),
+        serve(support_images=tf.constant(exported.queries[None, :5]),
               support_labels=tf.constant(labels, tf.int32),
-              query_images=tf.constant(exported.queries[:2]))
+              query_images=tf.constant(np.stack([exported.queries[:2]] * query_tasks)))
+
+
+def test_meta_model_refuses_an_empty_support_set(exported):
+    serve = tf.saved_model.load(exported.meta_dir).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="support set is empty"):
+        serve(support_images=tf.zeros([1, 0, *SHAPE]),
+              support_labels=tf.zeros([1, 0], tf.int32),
+              query_images=tf.constant(exported.queries[None, :2]))
+
+
+def test_every_signature_is_batchable_along_its_first_axis(exported):
+    """With batching on, TF Serving batches every signature of a model.
+
+    So every input and output needs a free leading dimension (images, or tasks)
+    that all of them share; the concatenation tests check that it is shared.
+    """
+    for path in (exported.task_dir, exported.meta_dir):
+        signatures = tf.saved_model.load(path).signatures
+        assert set(signatures) == {"serving_default", "predict_encoded"}
+        for function in signatures.values():
+            specs = [*function.structured_input_signature[1].values(),
+                     *function.structured_outputs.values()]
+            assert all(spec.shape.rank >= 1 and spec.shape[0] is None for spec in specs)
 
 
 # ------------------------------------------------------------------ loaders
@@ -355,7 +492,7 @@ np.save(f"{io}/task_probabilities.npy",
 np.save(f"{io}/meta_logits.npy", meta(
     support_images=tf.constant(np.load(f"{io}/support_images.npy")),
     support_labels=tf.constant(np.load(f"{io}/support_labels.npy")),
-    query_images=tf.constant(np.load(f"{io}/query_images.npy")))["logits"].numpy())
+    query_images=tf.constant(np.load(f"{io}/query_images.npy")))["logits"].numpy()[0])
 try:
     import mamlpp_tf
 except ImportError:
@@ -364,8 +501,8 @@ except ImportError:
 # (a wrong-rank image reaching a oneDNN convolution aborts the process).
 bad = tf.zeros([2, 28, 28])
 for name, call in (("task", lambda: task(images=bad)), ("meta", lambda: meta(
-        support_images=tf.zeros([5, 28, 28, 1]), support_labels=tf.range(5),
-        query_images=bad))):
+        support_images=tf.zeros([1, 5, 28, 28, 1]), support_labels=tf.range(5)[None],
+        query_images=bad[None]))):
     try:
         call()
     except tf.errors.InvalidArgumentError as error:
@@ -378,11 +515,12 @@ def requests_on_disk(exported, tmp_path):
     """Inputs of both models as .npy files, and the library's outputs for them."""
     learner, support = exported.learner, exported.support
     # The task model is compared on the support images, where the library's
-    # prediction uses the statistics the task model fixed (see above).
+    # prediction uses the statistics the task model fixed (see above). The
+    # meta-model's inputs carry its task axis (one task).
     arrays = dict(images=support.images,
-                  support_images=support.images,
-                  support_labels=support.labels,
-                  query_images=exported.queries[:4])
+                  support_images=support.images[None],
+                  support_labels=support.labels[None],
+                  query_images=exported.queries[None, :4])
     for name, value in arrays.items():
         np.save(tmp_path / f"{name}.npy", value)
     expected = dict(
@@ -403,10 +541,11 @@ def test_both_models_run_in_a_fresh_process_that_cannot_import_the_package(
     code, stdout, stderr = run_command(command, cwd=str(elsewhere))
     assert code == 0, stderr[-3000:]
     assert "mamlpp_tf not importable" in stdout
-    for name in ("task", "meta"):
+    for name, got, expected_shape in (("task", r"\[2,28,28\]", r"\[\?,28,28,1\]"),
+                                      ("meta", r"\[1,2,28,28\]", r"\[\?,\?,28,28,1\]")):
         assert re.search(
-            rf"{name} refused: .*Shape of tensor .*\[2,28,28\] is not compatible "
-            r"with expected shape \[\?,28,28,1\]", stdout), stdout
+            rf"{name} refused: .*Shape of tensor .*{got} is not compatible "
+            rf"with expected shape {expected_shape}", stdout), stdout
     for name, value in expected.items():
         np.testing.assert_allclose(np.load(io / f"{name}.npy"), value, atol=1e-5)
 
@@ -433,9 +572,121 @@ def test_saved_model_cli_runs_both_models(exported, requests_on_disk):
     np.testing.assert_allclose(np.load(io / "task" / "probabilities.npy"),
                                expected["task_probabilities"],
                                atol=1e-5)
-    np.testing.assert_allclose(np.load(io / "meta" / "logits.npy"),
+    np.testing.assert_allclose(np.load(io / "meta" / "logits.npy")[0],
                                expected["meta_logits"],
                                atol=1e-5)
+
+
+# ------------------------------------------------------------------ warm-up
+
+
+def warmup_requests(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """`(signature, inputs)` of each record of a version's TF Serving warm-up file."""
+    requests = []
+    for record in tf.data.TFRecordDataset(os.path.join(path, saved_models.WARMUP_PATH)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        requests.append((request.model_spec.signature_name,
+                         {k: tf.make_ndarray(v) for k, v in request.inputs.items()}))
+    return requests
+
+
+def _shapes(requests) -> list[tuple[str, dict[str, tuple]]]:
+    return [(signature, {k: v.shape for k, v in inputs.items()})
+            for signature, inputs in requests]
+
+
+def test_every_export_writes_warm_up_requests_for_every_signature(exported):
+    image = SHAPE
+    # The task model's: both signatures at every batch size the batching
+    # config allows. The meta-model's: one task of the run's episode shape
+    # (5-way 1-shot, 2 queries per class).
+    sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    assert saved_models.TASK_WARMUP_BATCH_SIZES == sizes
+    expected = {
+        exported.task_dir: [(signature, {name: (size, *shape)})
+                            for size in sizes
+                            for signature, name, shape in (
+                                ("serving_default", "images", image),
+                                ("predict_encoded", "image_bytes", ()))],
+        exported.meta_dir: [
+            ("serving_default", {"support_images": (1, 5, *image),
+                                 "support_labels": (1, 5),
+                                 "query_images": (1, 10, *image)}),
+            ("predict_encoded", {"support_image_bytes": (1, 5),
+                                 "support_labels": (1, 5),
+                                 "query_image_bytes": (1, 10)}),
+        ],
+    }
+    for path, shapes in expected.items():
+        records = list(
+            tf.data.TFRecordDataset(os.path.join(path, saved_models.WARMUP_PATH)))
+        assert len(records) <= saved_models.MAX_WARMUP_RECORDS
+        logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
+        # The model name is the export folder's (models/task, models/meta).
+        assert {log.predict_log.request.model_spec.name for log in logs} == {
+            os.path.basename(os.path.dirname(path))}
+        requests = warmup_requests(path)
+        assert _shapes(requests) == shapes
+        assert {s for s, _ in requests} == set(tf.saved_model.load(path).signatures)
+        for _, inputs in requests:
+            for name, value in inputs.items():
+                if name.endswith("_bytes"):  # Real PNGs of the model's size.
+                    for png in value.reshape(-1):
+                        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+                        assert tf.io.decode_png(png).shape == SHAPE
+    _, meta_inputs = warmup_requests(exported.meta_dir)[0]
+    assert meta_inputs["support_labels"].tolist() == [[0, 1, 2, 3, 4]]
+
+
+def _float_images(prep: preprocessing.Preprocessing, inputs: dict,
+                  name: str) -> np.ndarray:
+    """A request's images `name` (e.g. `query_images`), decoding its `*_image_bytes`."""
+    if name in inputs:
+        return inputs[name]
+    encoded = inputs[name[:-1] + "_bytes"]
+    images = [prep.decode(tf.constant(png)).numpy() for png in encoded.reshape(-1)]
+    return np.stack(images).reshape(*encoded.shape, *SHAPE)
+
+
+def test_warm_up_requests_replay_through_the_tf1_loader_as_the_library(exported):
+    """Replayed as TF Serving does (TF1 loader, Session.run): each answers right."""
+    prep, learner, support = exported.preprocessing, exported.learner, exported.support
+    requests = warmup_requests(exported.meta_dir)
+    for (_, inputs), outputs in zip(requests, session_run(exported.meta_dir, requests)):
+        support_x, query_x = (_float_images(prep, inputs, name)
+                              for name in ("support_images", "query_images"))
+        support_y = inputs["support_labels"]
+        for t in range(len(support_x)):
+            expected = library_meta_logits(learner, support_x[t], support_y[t],
+                                           query_x[t])
+            np.testing.assert_allclose(outputs["logits"][t], expected, atol=1e-5)
+    served = task_model.served_logits_fn(learner, "support", len(support.labels))
+    requests = warmup_requests(exported.task_dir)
+    for (_, inputs), outputs in zip(requests, session_run(exported.task_dir, requests)):
+        images = _float_images(prep, inputs, "images")
+        expected = softmax(served(support.images, support.labels, images))
+        np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-5)
+
+
+def test_export_without_tensorflow_serving_api_names_the_install_command(
+        exported, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_serving.apis.prediction_log_pb2", None)
+    export_dir = tmp_path / "models" / "meta"
+    with pytest.raises(ImportError,
+                       match="warm-up records need tensorflow-serving-api: pip install "
+                       "--no-deps tensorflow-serving-api"):
+        saved_models.export_meta_model(exported.model_dir, str(export_dir))
+    assert not export_dir.exists()
+
+
+@pytest.mark.parametrize("count", [0, saved_models.MAX_WARMUP_RECORDS + 1])
+def test_warm_up_files_hold_one_to_a_thousand_records(tmp_path, count):
+    request = ("serving_default", {"images": np.zeros((1, *SHAPE), np.float32)})
+    with pytest.raises(ValueError,
+                       match=f"{count} warm-up requests: TF Serving takes 1 to 1000"):
+        saved_models.write_warmup(str(tmp_path / "warmup"), "task", [request] * count)
+    assert not os.listdir(tmp_path)
 
 
 # ---------------------------------------------------------- bad input, versions
@@ -567,6 +818,20 @@ def test_imagenet_graph_preprocessing_matches_training_at_model_size(tmp_path):
 # ---------------------------------------------------------------- clients
 
 
+def json_tensor(value) -> np.ndarray:
+    """A tensor in TF Serving's JSON: nested lists, bytes as `{"b64": ...}` leaves."""
+
+    def decode(item):
+        if isinstance(item, dict):
+            return base64.b64decode(item["b64"])
+        return [decode(v) for v in item] if isinstance(item, list) else item
+
+    decoded, leaf = decode(value), value
+    while isinstance(leaf, list) and leaf:
+        leaf = leaf[0]
+    return np.array(decoded, dtype=object if isinstance(leaf, dict) else None)
+
+
 class FakeServing:
     """TF Serving's REST and gRPC predict APIs, answered by SavedModels in this process.
 
@@ -594,12 +859,7 @@ class FakeServing:
                 name = re.match(r"/v1/models/([^/:]+)(/versions/\d+)?:predict$",
                                 self.path).group(1)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                inputs = {
-                    key:
-                        np.array([base64.b64decode(v["b64"]) for v in value], object)
-                        if value and isinstance(value[0], dict) else np.asarray(value)
-                    for key, value in body["inputs"].items()
-                }
+                inputs = {k: json_tensor(v) for k, v in body["inputs"].items()}
                 outputs = serving.run(name, body["signature_name"], inputs)
                 answer = json.dumps({
                     "outputs": {
@@ -687,8 +947,27 @@ def test_grpc_request_round_trips_through_the_protos(exported):
     assert parsed.inputs["query_image_bytes"].dtype == tf.string.as_datatype_enum
     for key, value in inputs.items():
         assert tf.make_ndarray(parsed.inputs[key]).tolist() == value.tolist()
-    assert tf.make_ndarray(parsed.inputs["support_labels"]).tolist(
-    ) == [0] * 2 + [1] * 2 + [2] * 2 + [3] * 2 + [4] * 2
+    # One task per request: a task axis of 1.
+    assert tf.make_ndarray(parsed.inputs["support_labels"]).tolist() == [
+        [0] * 2 + [1] * 2 + [2] * 2 + [3] * 2 + [4] * 2
+    ]
+    assert tf.make_ndarray(parsed.inputs["query_image_bytes"]).shape == (1, 3)
+
+
+def test_rest_body_sends_bytes_as_b64_at_any_depth(exported):
+    inputs, _ = serving_requests.meta_inputs(exported.support_dir,
+                                             exported.query_files[:3])
+    body = json.loads(json.dumps(serving_requests.rest_body("predict_encoded", inputs)))
+    assert body["signature_name"] == "predict_encoded"
+    classes = serving_requests.class_folders(exported.support_dir)
+    files = [f for _, class_files in classes for f in class_files]
+    assert [[base64.b64decode(v["b64"]) for v in task]
+            for task in body["inputs"]["support_image_bytes"]
+           ] == [[open(f, "rb").read() for f in files]]
+    assert [[base64.b64decode(v["b64"]) for v in task]
+            for task in body["inputs"]["query_image_bytes"]
+           ] == [[open(f, "rb").read() for f in exported.query_files[:3]]]
+    assert body["inputs"]["support_labels"] == [np.repeat(np.arange(5), 2).tolist()]
 
 
 @pytest.mark.parametrize("protocol", serving_requests.PROTOCOLS)
@@ -702,37 +981,146 @@ def test_client_requests_answer_as_the_models(exported, serving, request, protoc
                                direct["probabilities"],
                                atol=1e-6)
     inputs, _ = serving_requests.meta_inputs(exported.support_dir, exported.query_files)
-    meta = serving_requests.predict(protocol, server, "omniglot_5way_meta", inputs)
-    direct = serving.run(
-        "omniglot_5way_meta", "serving_default",
-        dict(support_images=exported.support.images,
-             support_labels=exported.support.labels,
-             query_images=exported.queries))
-    np.testing.assert_allclose(meta["logits"], direct["logits"], atol=1e-5)
+    meta = serving_requests.one_task(
+        serving_requests.predict(protocol, server, "omniglot_5way_meta", inputs))
+    expected = library_meta_logits(exported.learner, exported.support.images,
+                                   exported.support.labels, exported.queries)
+    np.testing.assert_allclose(meta["logits"], expected, atol=1e-5)
+    assert meta["class_ids"].tolist() == expected.argmax(axis=1).tolist()
 
 
-def test_client_cli_prints_a_line_per_image(exported, rest_server):
-    code, stdout, stderr = run_command([
-        sys.executable, "-m", "export.client", f"--server={rest_server}",
-        "--model_name=omniglot_5way_task",
-        f"--images={','.join(exported.query_files[:2])}"
-    ])
-    assert code == 0, stderr[-2000:]
-    lines = [line.split("\t") for line in stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == exported.query_files[:2]
-    assert all(line[1] in CLASS_NAMES and 0 < float(line[2]) <= 1 for line in lines)
+def test_predict_refuses_an_unknown_protocol():
+    with pytest.raises(ValueError,
+                       match=r"protocol 'http' must be one of \('rest', 'grpc'\)"):
+        serving_requests.predict("http", "localhost:1", "m", {})
 
 
-@pytest.mark.parametrize("model,file,rows",
-                         [("omniglot_5way_task", "task_model_request.json", 2),
-                          ("omniglot_5way_meta", "meta_model_request.json", 2)])
-def test_sample_rest_requests_are_served(rest_server, model, file, rows):
+def test_one_task_refuses_an_answer_of_several_tasks():
+    with pytest.raises(serving_requests.ServingError,
+                       match=r"for one task .*\(2, 3, 5\)"):
+        serving_requests.one_task({"logits": np.zeros((2, 3, 5))})
+
+
+# Runs `python -m export.client ARGS` and lists the modules it imported
+# (interpreter start-up excluded) as the last line.
+CLIENT_IMPORTS = r"""
+import json, runpy, sys
+before = set(sys.modules)
+sys.argv[0] = "export.client"
+try:
+    runpy.run_module("export.client", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "modules": sorted(set(sys.modules) - before)}))
+"""
+
+
+def run_client(args: list[str],
+               code: str = CLIENT_IMPORTS) -> tuple[int, list, list, str]:
+    """`python -m export.client ARGS` in a new process.
+
+    Returns:
+      `(exit status, output lines split at tabs, modules imported, stderr)`.
+    """
+    _, stdout, stderr = run_command([sys.executable, "-c", code, *args])
+    *lines, last = stdout.strip().splitlines()
+    result = json.loads(last)
+    lines = [line.split("\t") for line in lines]
+    return result["code"], lines, result["modules"], stderr
+
+
+def test_rest_client_imports_only_the_standard_library_and_numpy(exported, rest_server):
+    """Over REST the client runs where TensorFlow is not installed; it answers right."""
+    files = exported.query_files[:3]
+    answers = {
+        "task": run_client([
+            f"--server={rest_server}", "--model_name=omniglot_5way_task",
+            f"--images={','.join(files)}"
+        ]),
+        "meta": run_client([
+            f"--server={rest_server}", "--model_name=omniglot_5way_meta",
+            f"--support={exported.support_dir}", f"--query={','.join(files)}"
+        ]),
+    }
+    learner, support = exported.learner, exported.support
+    served = task_model.served_logits_fn(learner, "support", len(support.labels))
+    expected = {
+        "task": softmax(served(support.images, support.labels, exported.queries[:3])),
+        "meta": softmax(library_meta_logits(learner, support.images, support.labels,
+                                            exported.queries[:3])),
+    }
+    for kind, (code, lines, modules, stderr) in answers.items():
+        assert code == 0, stderr[-2000:]
+        top_level = {m.split(".")[0] for m in modules}
+        foreign = sorted(top_level - set(sys.stdlib_module_names) - {"numpy", "export"})
+        assert not foreign, (kind, foreign)
+        assert "tensorflow" not in modules
+        assert [line[0] for line in lines] == files
+        for line, probabilities in zip(lines, expected[kind]):
+            assert line[1] == SORTED_NAMES[probabilities.argmax()]
+            assert float(line[2]) == pytest.approx(probabilities.max(), abs=1e-4)
+
+
+def test_client_without_serving_api_names_the_install_command(exported):
+    code, lines, _, stderr = run_client([
+        "--protocol=grpc", "--server=localhost:1", "--model_name=omniglot_5way_task",
+        f"--images={exported.query_files[0]}"
+    ], "import sys\nsys.modules['tensorflow_serving'] = None\n" + CLIENT_IMPORTS)
+    assert code == 2 and not lines and "Traceback" not in stderr
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: gRPC requests need tensorflow-serving-api: pip install --no-deps "
+        "tensorflow-serving-api ("), errors
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--images=a.png", "--support=s", "--query=b.png"], "--support needs --query"),
+    (["--query=b.png"], "give --images"),
+    (["--support=/nonexistent", "--query=b.png"],
+     "support folder /nonexistent does not exist"),
+    (["--images=/nonexistent.png"], "No such file or directory"),
+    (["--images=a.png", "--model_version=0"], "--model_version=0 must be >= 1"),
+    (["--images=a.png", "--timeout_s=0"], "--timeout_s=0.0 must be > 0"),
+])
+def test_client_reports_bad_flags_and_files_in_one_line(args, message):
+    code, lines, _, stderr = run_client(["--model_name=m", *args])
+    assert code == 2 and not lines
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+
+
+def test_client_reads_support_folders_as_the_exporter(tmp_path):
+    support = tmp_path / "support"
+    for path in ("b/1.png", "b/2.JPG", "b/notes.txt", "b/.hidden.png", "b/deeper/3.png",
+                 "a/x.jpeg", ".hidden/4.png"):
+        (support / path).parent.mkdir(parents=True, exist_ok=True)
+        (support / path).write_bytes(b"")
+    (support / "file.png").write_bytes(b"")
+    expected = [
+        ("a", [str(support / "a" / "x.jpeg")]),
+        ("b", [str(support / "b" / "1.png"), str(support / "b" / "2.JPG")]),
+    ]
+    assert class_folders is serving_requests.class_folders  # One reader for both.
+    assert class_folders(str(support)) == expected
+    (support / "c").mkdir()
+    (tmp_path / "empty").mkdir()
+    for path, message in ((support, "class 'c'.*has no images"),
+                          (tmp_path / "empty", "no class sub-folders"),
+                          (tmp_path / "missing", "does not exist")):
+        with pytest.raises(ValueError, match=message):
+            class_folders(str(path))
+
+
+@pytest.mark.parametrize("model,file,shape",
+                         [("omniglot_5way_task", "task_model_request.json", (2, 5)),
+                          ("omniglot_5way_meta", "meta_model_request.json", (1, 2, 5))])
+def test_sample_rest_requests_are_served(rest_server, model, file, shape):
     with open(os.path.join(SERVING, file)) as stream:
         body = json.load(stream)
     outputs = serving_requests.rest_predict(
         serving_requests.rest_url(rest_server, model), body)
-    assert outputs["probabilities"].shape == (rows, 5)
-    np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert outputs["probabilities"].shape == shape
+    np.testing.assert_allclose(outputs["probabilities"].sum(axis=-1), 1.0, atol=1e-5)
 
 
 @needs_serving_api
@@ -743,3 +1131,55 @@ def test_models_config_parses_and_names_both_models():
     assert [(c.name, c.base_path) for c in config.model_config_list.config
            ] == [("omniglot_5way_task", "/models/omniglot_5way_task"),
                  ("omniglot_5way_meta", "/models/omniglot_5way_meta")]
+
+
+def batching_parameters_message() -> type:
+    """TF Serving's `tensorflow.serving.BatchingParameters` message class.
+
+    The message of `--batching_parameters_file`. tensorflow-serving-api ships
+    no Python module of it, so it is built here with the fields this
+    repository's file may set, numbered and typed as TF Serving defines them;
+    any other field fails the parse.
+    """
+    file = descriptor_pb2.FileDescriptorProto(
+        name="batching_parameters.proto",
+        package="tensorflow.serving",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"])
+    message = file.message_type.add(name="BatchingParameters")
+    field = descriptor_pb2.FieldDescriptorProto
+    wrapped = [("max_batch_size", "Int64Value"), ("batch_timeout_micros", "Int64Value"),
+               ("max_enqueued_batches", "Int64Value"),
+               ("num_batch_threads", "Int64Value"), ("thread_pool_name", "StringValue")]
+    for number, (name, wrapper) in enumerate(wrapped, 1):
+        message.field.add(name=name, number=number, type=field.TYPE_MESSAGE,
+                          label=field.LABEL_OPTIONAL,
+                          type_name=f".google.protobuf.{wrapper}")
+    message.field.add(name="allowed_batch_sizes", number=6, type=field.TYPE_INT64,
+                      label=field.LABEL_REPEATED)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=field.TYPE_BOOL,
+                      label=field.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(file)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+def test_batching_parameters_parse_and_their_sizes_are_consistent():
+    with open(os.path.join(SERVING, "batching_parameters.txt")) as stream:
+        params = text_format.Parse(stream.read(), batching_parameters_message()())
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
+                 "num_batch_threads"):
+        assert params.HasField(name) and getattr(params, name).value > 0, name
+    sizes = list(params.allowed_batch_sizes)
+    # TF Serving's rules: increasing, the last one is max_batch_size.
+    assert sizes and sizes == sorted(set(sizes)) and sizes[0] >= 1
+    assert sizes[-1] == params.max_batch_size.value
+    # Padding variable-length inputs would add made-up support images to a task.
+    assert not params.pad_variable_length_inputs
+    # The benchmarked requests fit one batch: 16 task-model images, 8 meta-model tasks.
+    assert params.max_batch_size.value >= 16
+    # Every batch size the server can form is warmed up by the task model's export.
+    assert tuple(sizes) == saved_models.TASK_WARMUP_BATCH_SIZES
+

@@ -257,11 +257,11 @@ def test_saved_models_answer_any_grouping_of_queries_as_eval_step(bn_stats, tmp_
         np.testing.assert_allclose(probabilities.numpy()[0],
                                    tf.nn.softmax(expected[q]).numpy(), atol=1e-5)
     for groups in ([[0, 1, 2]], [[0], [1], [2]], [[2, 0], [1]]):
-        for group in groups:
-            logits = meta(support_images=tf.constant(support_x),
-                          support_labels=tf.constant(support_y),
-                          query_images=tf.constant(query_x[group]))["logits"]
-            np.testing.assert_allclose(logits.numpy(), expected[group], atol=1e-5)
+        for group in groups:  # One task per request (the signatures' leading task axis).
+            logits = meta(support_images=tf.constant(support_x[None]),
+                          support_labels=tf.constant(support_y[None]),
+                          query_images=tf.constant(query_x[group][None]))["logits"]
+            np.testing.assert_allclose(logits.numpy()[0], expected[group], atol=1e-5)
 
 
 def test_tasknorm_alpha_variables_are_checkpointed(tmp_path):
