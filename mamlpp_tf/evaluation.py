@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
@@ -80,21 +80,20 @@ def evaluate(learner: MamlPlusPlus,
                        labels=labels)
 
 
-def evaluate_served(learner: MamlPlusPlus, dataset: Iterable,
-                    support_size: int) -> TaskResults:
+def evaluate_served(served: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
+                    dataset: Iterable) -> TaskResults:
     """Scores every task of `dataset` through its task model, as a server answers it.
 
     Args:
-      learner: The learner (its variables are left unchanged).
+      served: `task_model.served_logits_fn` of the learner: it reads the
+        learner's variables when called, so one traced function serves every
+        checkpoint restored into the learner.
       dataset: Meta-batches (not distributed), in the order `evaluate` sees them.
-      support_size: Support images per task.
 
     Returns:
       Per-task results in dataset order; losses are the final query
       cross-entropies of the served logits.
     """
-    served = task_model.served_logits_fn(
-        learner, task_model.default_bn_stats(learner.config), support_size)
     logits, labels = [], []
     for support_x, support_y, query_x, query_y in dataset:
         logits += [served(support_x[t], support_y[t], query_x[t]).numpy()
@@ -181,12 +180,13 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
     top = runs.top_epochs(history, config.ensemble_top_k)
     tasks = experiment.eval_tasks(config, test_set, "test", config.test_tasks,
                                   strategy.num_replicas_in_sync)
+    served = task_model.served_logits_fn(learner, task_model.default_bn_stats(config.learner),
+                                         config.learner.n_way * config.k_shot)
     members, served_members = [], []
     for epoch in top:
         run.restore_epoch(learner, epoch)
         members.append(evaluate(learner, tasks, strategy))
-        served_members.append(
-            evaluate_served(learner, tasks, config.learner.n_way * config.k_shot))
+        served_members.append(evaluate_served(served, tasks))
     single = summarize(members[0].accuracies, correctness(members[0]))
     accuracies, correct = ensemble(members)
     combined = summarize(accuracies, correct)
