@@ -32,16 +32,17 @@ ImportError naming that command and writes nothing.
 
 Versions: `<export_dir>/<n>/` with `n` one above the largest existing
 version. The SavedModel is written to a hidden temporary folder inside
-`export_dir` (TF Serving only watches numeric names) and renamed at the end;
-an existing version is never overwritten, and a failure leaves no folder.
+`export_dir` (TF Serving only watches numeric names) and published at the
+end with `mamlpp_tf.files.publish_dir`: one rename on local disk; on GCS
+(`export_dir` may be any `tf.io.gfile` path) file by file, `saved_model.pb`
+last. An existing version is never overwritten, and a failure leaves no
+folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 from typing import Sequence
 import uuid
 
@@ -53,6 +54,7 @@ from export import serving_requests
 from export.preprocessing import Preprocessing
 from export.support import load_support
 from mamlpp_tf import experiment
+from mamlpp_tf import files
 from mamlpp_tf import runs
 from mamlpp_tf import task_model
 from mamlpp_tf.backbone import VGGBackbone
@@ -334,8 +336,10 @@ def write_warmup(path: str, model_name: str, requests: Sequence[WarmupRequest]) 
 
 def next_version(export_dir: str) -> int:
     """One above the largest numeric version folder in `export_dir` (1 for none)."""
-    names = os.listdir(export_dir) if os.path.isdir(export_dir) else []
-    return max((int(n) for n in names if n.isascii() and n.isdigit()), default=0) + 1
+    names = tf.io.gfile.listdir(export_dir) if tf.io.gfile.isdir(export_dir) else []
+    # GCS lists sub-directories with a trailing slash.
+    versions = (n.rstrip("/") for n in names)
+    return max((int(n) for n in versions if n.isascii() and n.isdigit()), default=0) + 1
 
 
 def write_version(export_dir: str,
@@ -346,7 +350,7 @@ def write_version(export_dir: str,
 
     `info` goes to `INFO_PATH`, and `warmup` (if any) to TF Serving's warm-up
     file `WARMUP_PATH` (see `write_warmup`), all in the hidden temporary
-    folder that is renamed at the end, so a served version always has them.
+    folder that is published at the end, so a served version always has them.
 
     Args:
       export_dir: `BASE/NAME`; its base name is the warm-up requests' model name.
@@ -360,35 +364,36 @@ def write_version(export_dir: str,
 
     Raises:
       ValueError, ImportError: as `write_warmup` (nothing is written then).
+      tf.errors.OpError: the filesystem refused a write (nothing is left).
     """
-    created = not os.path.isdir(export_dir)
-    os.makedirs(export_dir, exist_ok=True)
+    created = not tf.io.gfile.isdir(export_dir)
+    tf.io.gfile.makedirs(export_dir)
     temporary = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
-    os.mkdir(temporary)
     try:
-        os.makedirs(os.path.join(temporary, "assets.extra"))
+        tf.io.gfile.makedirs(os.path.join(temporary, "assets.extra"))
         if warmup:
             # First: a missing tensorflow-serving-api fails before the long write.
             write_warmup(os.path.join(temporary, WARMUP_PATH),
                          os.path.basename(os.path.normpath(export_dir)), warmup)
         archive.write_out(temporary, verbose=False)
-        with open(os.path.join(temporary, INFO_PATH), "w") as stream:
-            json.dump(info, stream, indent=2, sort_keys=True)
+        files.write_json(os.path.join(temporary, INFO_PATH), info)
         while True:
             final = os.path.join(export_dir, str(next_version(export_dir)))
             try:
-                # Fails on a non-empty folder: a concurrent export took that
-                # version, so take the next one.
-                os.rename(temporary, final)
+                # Fails if the folder exists: a concurrent export took that
+                # version, so take the next one. TF Serving loads a version
+                # once its saved_model.pb is there, so that file moves last.
+                files.publish_dir(temporary, final, "saved_model.pb")
                 return final
-            except OSError:
-                if not os.path.exists(final):
+            except tf.errors.OpError:
+                if not tf.io.gfile.exists(final):
                     raise
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(export_dir)
+        with contextlib.suppress(tf.errors.OpError):
+            if tf.io.gfile.exists(temporary):
+                tf.io.gfile.rmtree(temporary)
+            if created and not tf.io.gfile.listdir(export_dir):
+                tf.io.gfile.rmtree(export_dir)
         raise
 
 

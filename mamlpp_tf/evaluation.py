@@ -27,6 +27,7 @@ import tensorflow as tf
 from mamlpp_tf import data
 from mamlpp_tf import distribute
 from mamlpp_tf import experiment
+from mamlpp_tf import files
 from mamlpp_tf import runs
 from mamlpp_tf import task_model
 from mamlpp_tf.config import RunConfig
@@ -266,5 +267,5 @@ def evaluate_run(model_dir: str,
     learner = experiment.build_learner(config, strategy)
     results = run_test(config, run, learner, sets["test"], history, strategy)
     results.update(config=config.to_dict(), validation=history)
-    runs.write_json_atomic(os.path.join(model_dir, "evaluation.json"), results)
+    files.write_json(os.path.join(model_dir, "evaluation.json"), results)
     return results

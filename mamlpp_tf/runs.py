@@ -12,23 +12,25 @@ Layout of `--model_dir`:
     results.json             final test results (present = run finished)
     tensorboard/{train,val}  summaries
 
-Every JSON file and epoch checkpoint is written to a temporary path and renamed,
-so a kill at any instant leaves either the old or the new version.
+Every path goes through `tf.io.gfile`, so `model_dir` may be local, on GCS
+(`gs://...`) or in memory (`ram://...`). The JSON files are written with
+`files.write_json` (never seen half-written). An epoch checkpoint is written to
+`.tmp_epoch_NNN/` and published with `files.publish_dir`, its `model.index`
+last; an epoch counts as kept only once that file is in place, so a kill at
+any instant never leaves a half-written epoch that a restore would use.
 `evaluate`, `report` and the exporters rebuild everything from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import json
 import os
-import shutil
-import tempfile
-from typing import Any
 
 from absl import logging
 import tensorflow as tf
 
+from mamlpp_tf import files
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 
@@ -36,28 +38,10 @@ from mamlpp_tf.learner import MamlPlusPlus
 # one: where the data lives and how often to checkpoint do not change results.
 _RESUMABLE_FIELDS = ("data_dir", "download", "checkpoint_every", "model_dir",
                      "nan_policy")
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """Writes `value` as JSON to `path` via a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(value, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def read_json(path: str) -> Any:
-    with open(path) as stream:
-        return json.load(stream)
+# The file of an epoch checkpoint written last: its presence marks the epoch complete.
+_EPOCH_COMMIT = "model.index"
+# Prefix of an epoch checkpoint being written (a prefix: see `mamlpp_tf.files`).
+_TEMPORARY = ".tmp_"
 
 
 def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
@@ -99,10 +83,10 @@ class RunDir:
         Raises:
           FileNotFoundError: if `model_dir` holds no run.
         """
-        if not os.path.exists(self.config_path):
+        if not tf.io.gfile.exists(self.config_path):
             raise FileNotFoundError(f"--model_dir={self.model_dir} holds no run "
                                     f"(no {os.path.basename(self.config_path)})")
-        return RunConfig.from_dict(read_json(self.config_path))
+        return RunConfig.from_dict(files.read_json(self.config_path))
 
     def has_progress(self) -> bool:
         """Whether the run holds anything to resume: a checkpoint, an epoch, results.
@@ -110,8 +94,9 @@ class RunDir:
         Anything in `checkpoints/latest/` counts, even a half-written first
         checkpoint: only a directory with none is free for other flags.
         """
-        latest = os.path.isdir(self.latest_dir) and bool(os.listdir(self.latest_dir))
-        return latest or bool(self.kept_epochs()) or os.path.exists(self.results_path)
+        latest = (tf.io.gfile.isdir(self.latest_dir) and
+                  bool(tf.io.gfile.listdir(self.latest_dir)))
+        return latest or bool(self.kept_epochs()) or tf.io.gfile.exists(self.results_path)
 
     def check_config(self, config: RunConfig, override: bool = False) -> list[str]:
         """Checks, without writing, that `config` may run in `model_dir`.
@@ -131,7 +116,7 @@ class RunDir:
         Raises:
           ValueError: listing the flags that differ from the existing run.
         """
-        if not os.path.exists(self.config_path):
+        if not tf.io.gfile.exists(self.config_path):
             return []
         differences = config_differences(self.read_config(), config)
         if differences and not override and self.has_progress():
@@ -155,34 +140,34 @@ class RunDir:
           ValueError: as `check_config`.
         """
         differences = self.check_config(config, override)
-        if not os.path.exists(self.config_path) or differences:
+        if not tf.io.gfile.exists(self.config_path) or differences:
             if differences and self.has_progress():
                 logging.warning("--override_config: %s now runs with %s", self.model_dir,
                                 "; ".join(differences))
             elif differences:
                 logging.info("%s holds no checkpoint; starting afresh with %s",
                              self.model_dir, "; ".join(differences))
-            write_json_atomic(self.config_path, config.to_dict())
+            files.write_json(self.config_path, config.to_dict())
 
     # ---------------------------------------------------------------- history
 
     def read_history(self) -> list[dict]:
         """Validation results of finished epochs, in epoch order."""
-        if not os.path.exists(self.history_path):
+        if not tf.io.gfile.exists(self.history_path):
             return []
-        return read_json(self.history_path)
+        return files.read_json(self.history_path)
 
     def write_history(self, history: list[dict]) -> None:
-        write_json_atomic(self.history_path, history)
+        files.write_json(self.history_path, history)
 
     def read_results(self) -> dict | None:
         """Final results, or None while the run has not finished."""
-        if not os.path.exists(self.results_path):
+        if not tf.io.gfile.exists(self.results_path):
             return None
-        return read_json(self.results_path)
+        return files.read_json(self.results_path)
 
     def write_results(self, results: dict) -> None:
-        write_json_atomic(self.results_path, results)
+        files.write_json(self.results_path, results)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -202,14 +187,18 @@ class RunDir:
         return os.path.join(self.checkpoint_dir, f"epoch_{epoch:03d}")
 
     def save_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
-        """Saves the model (network, per-step BN, LSLR) after `epoch`, atomically."""
+        """Saves the model (network, per-step BN, LSLR) after `epoch`.
+
+        Written to `.tmp_epoch_NNN/` and published (see the module docstring):
+        a kill leaves the epoch either complete or not counted as kept.
+        """
         final = self.epoch_path(epoch)
-        temporary = final + ".tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
+        temporary = os.path.join(self.checkpoint_dir, _TEMPORARY + os.path.basename(final))
+        _remove_tree(temporary)
         checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
         checkpoint.write(os.path.join(temporary, "model"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
+        _remove_tree(final)
+        files.publish_dir(temporary, final, _EPOCH_COMMIT)
 
     def restore_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
         """Loads the model saved after `epoch` into `learner`.
@@ -218,26 +207,42 @@ class RunDir:
           FileNotFoundError: if that epoch's checkpoint was not kept.
         """
         path = self.epoch_path(epoch)
-        if not os.path.isdir(path):
+        if not tf.io.gfile.exists(os.path.join(path, _EPOCH_COMMIT)):
             raise FileNotFoundError(f"no checkpoint of epoch {epoch} in {self.checkpoint_dir}")
         checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
         checkpoint.read(os.path.join(path, "model")).assert_existing_objects_matched()
 
     def kept_epochs(self) -> list[int]:
-        """Epochs whose model checkpoints exist."""
-        if not os.path.isdir(self.checkpoint_dir):
-            return []
-        return sorted(int(name[len("epoch_"):]) for name in os.listdir(self.checkpoint_dir)
-                      if name.startswith("epoch_") and not name.endswith(".tmp"))
+        """Epochs whose model checkpoints exist, complete."""
+        return sorted(epoch for epoch, complete in self._epoch_dirs().values() if complete)
 
     def prune_epochs(self, keep: list[int]) -> None:
         """Deletes epoch checkpoints not in `keep` (and any half-written ones)."""
-        if not os.path.isdir(self.checkpoint_dir):
-            return
-        for name in os.listdir(self.checkpoint_dir):
-            if name.startswith("epoch_") and (name.endswith(".tmp") or
-                                              int(name[len("epoch_"):]) not in keep):
-                shutil.rmtree(os.path.join(self.checkpoint_dir, name), ignore_errors=True)
+        for name, (epoch, complete) in self._epoch_dirs().items():
+            if not complete or epoch not in keep:
+                _remove_tree(os.path.join(self.checkpoint_dir, name))
+
+    def _epoch_dirs(self) -> dict[str, tuple[int | None, bool]]:
+        """`name: (epoch, complete)` of each epoch entry; epoch None for a temporary."""
+        if not tf.io.gfile.isdir(self.checkpoint_dir):
+            return {}
+        entries = {}
+        # GCS lists sub-directories with a trailing slash.
+        for name in (n.rstrip("/") for n in tf.io.gfile.listdir(self.checkpoint_dir)):
+            number = name[len("epoch_"):]
+            if name.startswith("epoch_") and number.isdigit():
+                entries[name] = (int(number), tf.io.gfile.exists(
+                    os.path.join(self.checkpoint_dir, name, _EPOCH_COMMIT)))
+            elif name.startswith(("epoch_", _TEMPORARY + "epoch_")):
+                # Being written, or `epoch_NNN.tmp` of an older version.
+                entries[name] = (None, False)
+        return entries
+
+
+def _remove_tree(path: str) -> None:
+    """Deletes the directory `path` with its content, if it exists."""
+    with contextlib.suppress(tf.errors.NotFoundError):
+        tf.io.gfile.rmtree(path)
 
 
 class RunLockedError(ValueError):
@@ -245,22 +250,34 @@ class RunLockedError(ValueError):
 
 
 class RunLock:
-    """One writer per run directory: an exclusive `flock` on `<model_dir>/lock`.
+    """One writer per local run directory: an exclusive `flock` on `<model_dir>/lock`.
 
     The lock file holds the owner's pid for the error message. The kernel
     releases the lock when its owner dies, even by SIGKILL, so a stale lock file
     from a dead process is simply taken over.
+
+    Local paths only (including NFS mounts, where Linux maps `flock` to NFS
+    locks): object stores such as GCS offer no such lock, and this class
+    provides no cross-machine locking there. For a `scheme://` model_dir it
+    logs a warning and runs unlocked.
 
     Args:
       model_dir: The run directory (created if needed).
     """
 
     def __init__(self, model_dir: str):
+        self.model_dir = model_dir
         self.path = os.path.join(model_dir, "lock")
         self._stream = None
 
     def __enter__(self) -> "RunLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not files.is_local(self.model_dir):
+            logging.warning(
+                "--model_dir=%s is not on the local filesystem: running without the run "
+                "lock (a local flock; cross-machine locking is not provided), so make sure "
+                "no other process trains in it", self.model_dir)
+            return self
+        os.makedirs(self.model_dir, exist_ok=True)
         stream = open(self.path, "a+")  # pylint: disable=consider-using-with
         try:
             fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -268,7 +285,7 @@ class RunLock:
             stream.seek(0)
             owner = stream.read().strip() or "unknown"
             stream.close()
-            raise RunLockedError(f"--model_dir={os.path.dirname(self.path)} is in use by "
+            raise RunLockedError(f"--model_dir={self.model_dir} is in use by "
                                  f"process {owner} (lock {self.path}); wait for it or stop "
                                  "it") from None
         stream.seek(0)

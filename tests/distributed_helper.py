@@ -25,7 +25,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from conftest import random_batch, tiny_config  # pylint: disable=g-import-not-at-top
 from mamlpp_tf import distribute  # pylint: disable=g-import-not-at-top
-from mamlpp_tf import runs  # pylint: disable=g-import-not-at-top
+from mamlpp_tf import files  # pylint: disable=g-import-not-at-top
 from mamlpp_tf.learner import MamlPlusPlus  # pylint: disable=g-import-not-at-top
 
 REPLICAS = 2
@@ -97,7 +97,7 @@ def train_with_write_log(report_path: str, argv: list[str]) -> None:
     """`python -m mamlpp_tf.train argv...`, logging its file writes to `report_path`."""
     writes: list[dict] = []
     checkpoint_write = tf.train.Checkpoint._write  # pylint: disable=protected-access
-    write_json = runs.write_json_atomic
+    write_json = files.write_json
     create_file_writer = tf.summary.create_file_writer
 
     def logged_checkpoint_write(self, file_prefix, *args, **kwargs):
@@ -114,7 +114,7 @@ def train_with_write_log(report_path: str, argv: list[str]) -> None:
 
     # pylint: disable-next=protected-access
     tf.train.Checkpoint._write = logged_checkpoint_write
-    runs.write_json_atomic = logged_json
+    files.write_json = logged_json
     tf.summary.create_file_writer = logged_file_writer
     sys.argv = ["mamlpp_tf.train"] + argv
     code = 0

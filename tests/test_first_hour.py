@@ -22,6 +22,7 @@ from export.support import class_folders, load_support
 from mamlpp_tf import MamlPlusPlus
 from mamlpp_tf import cli
 from mamlpp_tf import data
+from mamlpp_tf import files
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf import runs
 from mamlpp_tf import train
@@ -138,7 +139,7 @@ def test_a_model_dir_with_only_a_config_json_accepts_the_corrected_command(tmp_p
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["train", *TINY, "--n_way=25", f"--model_dir={model_dir}"])
         wrong = run_flags.run_config_from_flags()
-    runs.write_json_atomic(str(model_dir / "config.json"), wrong.to_dict())
+    files.write_json(str(model_dir / "config.json"), wrong.to_dict())
     (model_dir / "lock").write_text("999999")
     code, stdout, stderr = run_job(str(model_dir))
     assert code == 0, stderr[-3000:]

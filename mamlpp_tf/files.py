@@ -1,0 +1,144 @@
+"""Durable file I/O on any `tf.io.gfile` filesystem: local disk, GCS, `ram://`.
+
+Run directories, exports and reports write only through this module and
+`tf.io.gfile`, so `--model_dir` and `--export_dir` may be `gs://` paths (the
+tests use TensorFlow's in-memory `ram://` filesystem to prove it).
+
+What a reader sees while a writer dies depends on the filesystem's rename:
+
+* POSIX local disk: `rename(2)` is atomic for a file and for a directory:
+  readers see the old version or the new one.
+* Object stores (GCS): gfile renames a file by copying it and deleting the
+  source. A file written with `atomic_write` is never seen half-written, but
+  depending on the store a reader may briefly find no file, and a kill
+  between the copy and the delete can leave the temporary behind. A
+  "directory" is renamed object by object, hence `publish_dir`.
+* `ram://`: a file rename moves the file, but a directory rename moves only
+  the directory's own entry, not the files in it. Its paths also match by
+  string prefix: `exists("d/a")` holds while `d/ab` exists, and then
+  `rmtree("d/a")` fails. So temporaries here are named with a prefix
+  (`.tmp_name...`), never by extending the final name (`name.tmp`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+import uuid
+
+import tensorflow as tf
+
+# Prefix of `atomic_write`'s temporaries (hidden, so listings skip them).
+_TEMPORARY_PREFIX = ".tmp_"
+
+
+def is_local(path: str) -> bool:
+    """Whether `path` is on the local filesystem (it has no `scheme://`).
+
+    Only such paths have POSIX semantics: atomic directory renames, `flock`,
+    `fsync`.
+    """
+    return "://" not in path
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Writes `data` to `path` so that no reader ever sees a partial file.
+
+    The data goes to a uniquely named temporary sibling (same directory, so
+    the rename stays on one filesystem), which is renamed over `path`. On
+    local disk the temporary is also `fsync`ed first, so a crash of the
+    machine cannot leave an empty `path` either. See the module docstring for
+    what other filesystems guarantee.
+
+    Args:
+      path: The file to (over)write; missing parent directories are created.
+      data: The content; a `str` is encoded as UTF-8.
+
+    Raises:
+      tf.errors.OpError: the filesystem refused a step; the temporary is
+        removed and `path` is left as it was.
+    """
+    directory, name = os.path.split(path)
+    if directory:
+        tf.io.gfile.makedirs(directory)
+    temporary = os.path.join(directory, f"{_TEMPORARY_PREFIX}{name}.{uuid.uuid4().hex}")
+    try:
+        with tf.io.gfile.GFile(temporary, "wb") as stream:
+            stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if is_local(temporary):
+            _fsync(temporary)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except BaseException:
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
+        raise
+
+
+def _fsync(path: str) -> None:
+    """Flushes a local file's data to the disk (gfile has no `fsync`)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes `value` as indented JSON with sorted keys to `path`, atomically.
+
+    Raises:
+      TypeError, ValueError: `value` is not JSON-serialisable (nothing is
+        written).
+      tf.errors.OpError: as `atomic_write`.
+    """
+    atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def read_json(path: str) -> Any:
+    """The JSON value stored in `path`.
+
+    Raises:
+      tf.errors.NotFoundError: `path` does not exist.
+      json.JSONDecodeError: `path` does not hold JSON.
+    """
+    with tf.io.gfile.GFile(path, "r") as stream:
+        return json.load(stream)
+
+
+def publish_dir(temporary: str, final: str, commit: str) -> None:
+    """Moves the finished directory `temporary` to the new path `final`.
+
+    On local disk this is one `rename(2)`: `final` appears whole or not at
+    all. Elsewhere a directory rename is not atomic (see the module
+    docstring), so the files move one by one with `commit` last: a reader that
+    takes `final` as complete once `commit` exists never sees part of it.
+
+    Args:
+      temporary: The written directory, on the filesystem of `final`.
+      final: Where it goes; must not exist.
+      commit: The path, relative to `temporary`, of the file whose presence
+        marks the directory complete (e.g. a checkpoint's `.index`).
+
+    Raises:
+      tf.errors.AlreadyExistsError: `final` exists (e.g. a concurrent writer
+        took it; off local disk two writers may both pass this check).
+      tf.errors.NotFoundError: `temporary` holds no `commit`; nothing moved.
+    """
+    commit_path = os.path.join(temporary, commit)
+    if not tf.io.gfile.exists(commit_path):
+        raise tf.errors.NotFoundError(None, None, f"{commit_path} does not exist")
+    if is_local(final):
+        tf.io.gfile.rename(temporary, final)
+        return
+    if tf.io.gfile.exists(final):
+        raise tf.errors.AlreadyExistsError(None, None, f"{final} already exists")
+    for directory, _, names in list(tf.io.gfile.walk(temporary)):
+        target = os.path.join(final, directory[len(temporary):].strip("/"))
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            source = os.path.join(directory, name)
+            if source != commit_path:
+                tf.io.gfile.rename(source, os.path.join(target, name))
+    tf.io.gfile.rename(commit_path, os.path.join(final, commit))
+    tf.io.gfile.rmtree(temporary)
