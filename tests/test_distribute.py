@@ -12,7 +12,6 @@ absolute bound. Whole CLI runs (Adam) are compared over their first epoch
 only, see `_assert_matches_one_device`.
 """
 
-import glob
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ import tensorflow as tf
 
 from conftest import ROOT, TINY, run_job
 from mamlpp_tf import distribute
+from mamlpp_tf import tensorboard_scalars
 
 HELPER = os.path.join(ROOT, "tests", "distributed_helper.py")
 TIMEOUT_S = 420
@@ -146,14 +146,9 @@ def _latest_params(model_dir: str) -> dict[str, np.ndarray]:
 
 def _train_losses(model_dir: str) -> dict[int, float]:
     """The TensorBoard training loss by iteration (a resumed run's later files win)."""
-    losses = {}
-    for path in sorted(
-            glob.glob(os.path.join(model_dir, "tensorboard", "train", "events.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "loss":
-                    losses[event.step] = float(tf.make_ndarray(value.tensor))
-    return losses
+    losses = tensorboard_scalars.read_scalars(
+        os.path.join(model_dir, "tensorboard", "train"), ["loss"]).get("loss", ([], []))
+    return dict(zip(map(int, losses[0]), losses[1]))
 
 
 def _checkpoint_files(model_dir: str) -> list[str]:

@@ -1,6 +1,7 @@
 """The run report: figures of a real (tiny, synthetic) run, read back from their data."""
 
 import glob
+import io
 import json
 import os
 import re
@@ -13,8 +14,11 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from mamlpp_tf import report_data
+from mamlpp_tf import report_figures
 from mamlpp_tf import reporting
 from mamlpp_tf import schedules
+from mamlpp_tf import tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two epochs of a 2-stage, 3-step network on synthetic glyphs: about 15 s.
@@ -117,6 +121,20 @@ def test_report_writes_every_figure_and_the_results_table(finished_run, tmp_path
     assert "TaskNorm" not in markdown  # Only for tasknorm runs.
 
 
+def test_report_goes_to_any_gfile_filesystem(finished_run, tmp_path):
+    local = reporting.write_report([finished_run], str(tmp_path / "report"))
+    remote = reporting.write_report([finished_run], "ram://report_test/out")
+    assert remote == "ram://report_test/out/report.md"
+    names = sorted(tf.io.gfile.listdir("ram://report_test/out"))
+    assert names == sorted(os.listdir(tmp_path / "report"))  # No temporaries either.
+    with tf.io.gfile.GFile(remote) as stream:
+        assert stream.read() == open(local).read()
+    for name in names[:-1]:  # The PNGs, before report.md.
+        with tf.io.gfile.GFile(f"ram://report_test/out/{name}", "rb") as stream:
+            with Image.open(io.BytesIO(stream.read())) as image:
+                assert image.format == "PNG"
+
+
 def test_report_shows_tasknorm_blend_per_layer_and_step(tasknorm_run, tmp_path):
     model_dir, _ = tasknorm_run
     markdown = open(reporting.write_report([model_dir], str(tmp_path / "report"))).read()
@@ -133,13 +151,13 @@ def test_report_shows_tasknorm_blend_per_layer_and_step(tasknorm_run, tmp_path):
 
 
 def test_lslr_heatmap_shows_the_best_epoch_checkpoint(finished_run):
-    run = reporting.load_run(finished_run)
+    run = report_data.load_run(finished_run)
     best = json.load(open(os.path.join(finished_run,
                                        "results.json")))["test"]["best_epoch"]
     expected = checkpoint_lslr(
         os.path.join(finished_run, "checkpoints", f"epoch_{best:03d}", "model"))
     assert not np.allclose(expected, 0.1)  # Training moved the rates off their init.
-    axes = reporting.lslr_figure(run).axes[0]
+    axes = report_figures.lslr_figure(run).axes[0]
     np.testing.assert_array_equal(np.asarray(axes.images[0].get_array()), expected)
     assert [label.get_text() for label in axes.get_yticklabels()] == PARAM_NAMES
     assert [label.get_text() for label in axes.get_xticklabels()
@@ -153,29 +171,43 @@ def test_lslr_heatmap_shows_the_best_epoch_checkpoint(finished_run):
 
 
 def test_bn_heatmap_shows_per_step_gamma_and_beta_norms(finished_run):
-    run = reporting.load_run(finished_run)
-    reader = tf.train.load_checkpoint(run.checkpoint.path)
-    gamma_axes, beta_axes = reporting.bn_figure(run).axes[0::2]  # Skip the colour bars.
-    for axes, label in ((gamma_axes, "gamma"), (beta_axes, "beta")):
-        expected = np.stack([
-            np.linalg.norm(reader.get_tensor(
-                f"backbone/norm{i}/{label}/.ATTRIBUTES/VARIABLE_VALUE"),
-                           axis=-1) for i in range(2)
-        ])
-        assert expected.shape == (2, 3)
+    best = json.load(open(os.path.join(finished_run,
+                                       "results.json")))["test"]["best_epoch"]
+    path = os.path.join(finished_run, "checkpoints", f"epoch_{best:03d}", "model")
+    reader = tf.train.load_checkpoint(path)
+    listed = [name for name, _ in tf.train.list_variables(path)]
+    figure = report_figures.bn_figure(report_data.load_run(finished_run))
+    gamma_axes, beta_axes = figure.axes[0::2]  # Skip the colour bars.
+    for axes, label, initial in ((gamma_axes, "gamma", 1.0), (beta_axes, "beta", 0.0)):
+        # The checkpoint's own listing names the layers: 2 stages, one norm each.
+        pattern = re.compile(rf"backbone/(\w+)/{label}/\.ATTRIBUTES/VARIABLE_VALUE")
+        found = sorted((match[1], match[0]) for match in map(pattern.fullmatch, listed)
+                       if match)
+        values = [reader.get_tensor(name).astype(np.float64) for _, name in found]
+        assert [value.shape for value in values] == [(3, 4)] * 2  # [steps, filters]
+        assert not np.allclose(values, initial)  # Training moved them off their init.
+        expected = np.array([np.sqrt((value**2).sum(axis=1)) for value in values])
         np.testing.assert_allclose(np.asarray(axes.images[0].get_array()),
                                    expected,
                                    rtol=1e-6)
+        if label == "gamma":  # The beta panel shares the gamma panel's row labels.
+            assert [text.get_text() for text in axes.get_yticklabels()
+                   ] == [layer for layer, _ in found]
+        assert [text.get_text() for text in axes.get_xticklabels()
+               ] == ["step 1", "step 2", "step 3"]
+        annotated = np.array([float(text.get_text()) for text in axes.texts]).reshape(2, 3)
+        np.testing.assert_allclose(annotated, expected, rtol=5e-3)
+    assert f"epoch {best}, best validation" in figure.get_suptitle()
 
 
 def test_schedules_are_what_training_logged(finished_run):
-    run = reporting.load_run(finished_run)
+    run = report_data.load_run(finished_run)
     iterations, logged = run.train_scalars["meta_lr"]
     assert list(iterations) == list(range(2, 17, 2))
     np.testing.assert_allclose(
         logged, [schedules.cosine_meta_lr(t // 8, 0.01, 0.001, 2) for t in iterations],
         rtol=1e-6)
-    axes = reporting.msl_figure([run]).axes[0]
+    axes = report_figures.msl_figure([run]).axes[0]
     lines = [line for line in axes.get_lines() if line.get_label().startswith("step")]
     assert len(lines) == 3
     np.testing.assert_allclose(lines[-1].get_ydata(), [1 / 3, 1.0, 1.0], rtol=1e-6)
@@ -191,10 +223,27 @@ def test_scalars_of_a_resumed_run_and_a_truncated_event_file(tmp_path):
     path = max(glob.glob(str(tmp_path / "events.*")))
     with open(path, "rb") as stream:
         data = stream.read()
-    with open(path, "wb") as stream:  # A writer killed mid-record.
+    with open(path, "wb") as stream:  # A writer killed mid-record (the last "other").
         stream.write(data[:-5])
-    steps, values = reporting.read_scalars(str(tmp_path), ["loss"])["loss"]
+    scalars = tensorboard_scalars.read_scalars(str(tmp_path), ["loss", "missing"])
+    assert list(scalars) == ["loss"]
+    steps, values = scalars["loss"]
     assert list(steps) == [1, 2] and list(values) == [1.0, 3.0]
+    other_steps, other_values = tensorboard_scalars.read_scalars(str(tmp_path),
+                                                                 ["other"])["other"]
+    assert list(other_steps) == [1, 2] and list(other_values) == [1.0, 2.0]
+    assert tensorboard_scalars.read_scalars(str(tmp_path / "absent"), ["loss"]) == {}
+
+
+def test_every_logged_scalar_is_read_back_unsampled(tmp_path):
+    # TensorBoard keeps 10 tensor events per tag unless told otherwise.
+    values = np.random.RandomState(0).rand(250)
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        for step, value in enumerate(values):
+            tf.summary.scalar("loss", value, step=step * 3)
+    steps, read = tensorboard_scalars.read_scalars(str(tmp_path), ["loss"])["loss"]
+    np.testing.assert_array_equal(steps, np.arange(250) * 3)
+    np.testing.assert_allclose(read, values, rtol=1e-7)  # Written as float32.
 
 
 def test_several_runs_overlay_their_curves(finished_run, tmp_path):
@@ -204,8 +253,8 @@ def test_several_runs_overlay_their_curves(finished_run, tmp_path):
     label = os.path.basename(finished_run)
     for name in (f"lslr_{label}.png", "lslr_maml.png", "bn_maml.png", "curves.png"):
         assert_valid_png(os.path.join(out, name))
-    runs_ = [reporting.load_run(finished_run), reporting.load_run(other, "maml")]
-    for axes in reporting.curves_figure(runs_).axes:
+    runs_ = [report_data.load_run(finished_run), report_data.load_run(other, "maml")]
+    for axes in report_figures.curves_figure(runs_).axes:
         labels = {text.get_text() for text in axes.get_legend().get_texts()}
         assert {
             f"{label} train", f"{label} validation", "maml train", "maml validation"
@@ -235,10 +284,10 @@ def test_interrupted_run_reports_from_the_cli(finished_run, tmp_path):
     markdown = open(os.path.join(out, "report.md")).read()
     assert "unfinished: iteration 15 of 16" in markdown
     assert_valid_png(os.path.join(out, "lslr_interrupted.png"))
-    run = reporting.load_run(model_dir)
+    run = report_data.load_run(model_dir)
     assert run.checkpoint.description == "iteration 15, latest checkpoint"
     np.testing.assert_array_equal(
-        np.asarray(reporting.lslr_figure(run).axes[0].images[0].get_array()),
+        np.asarray(report_figures.lslr_figure(run).axes[0].images[0].get_array()),
         checkpoint_lslr(latest))
 
 
@@ -254,4 +303,4 @@ def test_run_without_checkpoint_is_a_one_line_error(finished_run, tmp_path):
                         lines[0]), lines
     assert not os.path.exists(model_dir / "report")
     with pytest.raises(FileNotFoundError, match="holds no run"):
-        reporting.load_run(str(tmp_path))
+        report_data.load_run(str(tmp_path))

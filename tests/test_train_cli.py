@@ -16,7 +16,10 @@ import tensorflow as tf
 
 from conftest import ROOT, comparable_results, run_job
 from mamlpp_tf import evaluation
+from mamlpp_tf import experiment
 from mamlpp_tf import flags as run_flags
+from mamlpp_tf import runs
+from mamlpp_tf import tensorboard_scalars
 
 def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
     model_dir, stdout = finished_run
@@ -28,17 +31,51 @@ def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
     assert results["config"]["learner"]["n_way"] == 3
     assert {"seed", "derived_train_seed"} <= set(results["seeds"])
     assert {"tensorflow", "keras", "mamlpp_tf"} <= set(results["versions"])
-    # The CI is 1.96 std / sqrt(tasks) of the per-task accuracies.
-    assert test["ci95"] >= 0
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
         "epoch_000", "epoch_001", "latest"]
-    tags = set()
-    for path in glob.glob(os.path.join(model_dir, "tensorboard", "*", "events.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(value.tag for value in event.summary.value)
-    for tag in ("loss", "accuracy", "meta_lr", "msl_weight/step_0", "lslr/conv0_kernel/step_1",
-                "lslr/dense_bias/step_0", "bn/norm1/gamma/step_1", "ci95"):
-        assert tag in tags, (tag, sorted(tags))
+    tensorboard = os.path.join(model_dir, "tensorboard")
+    expected = {"train": ["loss", "accuracy", "meta_lr", "msl_weight/step_0",
+                          "lslr/conv0_kernel/step_1", "lslr/dense_bias/step_0",
+                          "bn/norm1/gamma_mean/step_1"],
+                "val": ["loss", "accuracy", "ci95"]}
+    for name, tags in expected.items():
+        scalars = tensorboard_scalars.read_scalars(os.path.join(tensorboard, name), tags)
+        assert sorted(scalars) == sorted(tags), (name, sorted(scalars))
+    # The last epoch's summaries (iteration 16) hold the values of its checkpoint.
+    train = tensorboard_scalars.read_scalars(
+        os.path.join(tensorboard, "train"),
+        ["lslr/conv0_kernel/step_1", "bn/norm1/gamma_mean/step_1"])
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", "epoch_001",
+                                                   "model"))
+    value = lambda key: reader.get_tensor(f"{key}/.ATTRIBUTES/VARIABLE_VALUE")
+    for tag, expected_value in (
+            ("lslr/conv0_kernel/step_1", value("lslr/rate_conv0_kernel")[1]),
+            ("bn/norm1/gamma_mean/step_1", value("backbone/norm1/gamma")[1].mean())):
+        steps, values = train[tag]
+        assert steps[-1] == 16 and values[-1] == pytest.approx(expected_value, rel=1e-6), tag
+
+
+def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finished_run):
+    """results.json keeps no per-task accuracies: they are recomputed from the best
+    epoch's checkpoint on the same fixed test tasks, scored from the logits here."""
+    model_dir, _ = finished_run
+    test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
+    run = runs.RunDir(model_dir)
+    config = run.read_config()
+    learner = experiment.build_learner(config)
+    run.restore_epoch(learner, test["best_epoch"])
+    test_set = experiment.load_class_sets(config)["test"]
+    accuracies = []
+    for batch in experiment.eval_tasks(config, test_set, "test", config.test_tasks):
+        result = learner.eval_step(batch)
+        correct = result["logits"].numpy().argmax(axis=-1) == result["labels"].numpy()
+        accuracies.extend(correct.mean(axis=1))
+    accuracies = np.array(accuracies)
+    assert len(accuracies) == test["tasks"] == 6
+    assert accuracies.std() > 0  # Tasks differ, so the interval is not trivially 0.
+    assert test["accuracy"] == pytest.approx(accuracies.mean(), abs=1e-12)
+    std = np.sqrt(np.mean((accuracies - accuracies.mean())**2))
+    assert test["ci95"] == pytest.approx(1.96 * std / np.sqrt(6), abs=1e-12)
 
 
 def test_evaluate_reproduces_the_final_test(finished_run):
@@ -163,14 +200,19 @@ def test_helpfull_lists_every_flag_with_help():
 
 @pytest.mark.parametrize("flagfile", sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))),
                          ids=os.path.basename)
-def test_every_flagfile_resolves_to_a_valid_config(flagfile):
+def test_every_flagfile_resolves_to_a_valid_config(flagfile, monkeypatch):
+    # As README runs them, from the repository root: absl resolves a nested
+    # --flagfile= (a MAML baseline including its MAML++ twin) against the CWD.
+    monkeypatch.chdir(ROOT)
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
-        flags.FLAGS(["train", f"--flagfile={flagfile}", "--n_query=1"])
+        flags.FLAGS(["train", "--flagfile=" + os.path.relpath(flagfile, ROOT)])
         config = run_flags.run_config_from_flags()
     assert open(flagfile).readline().startswith("# ")
-    assert config.model_dir.startswith("runs/")
-    assert config.learner.msl_epochs == 0 if "maml_" in flagfile else config.learner.msl_epochs > 0
+    baseline = os.path.basename(flagfile).startswith("maml_")
+    # A baseline's own --model_dir wins over its twin's: the runs do not share a directory.
+    assert config.model_dir.startswith("runs/maml_" if baseline else "runs/")
+    assert config.learner.msl_epochs == 0 if baseline else config.learner.msl_epochs > 0
 
 
 def test_command_line_overrides_the_flagfile():
