@@ -11,6 +11,7 @@ in-process stand-ins for its REST and gRPC front ends are the loader checks.
 import base64
 import concurrent.futures
 import http.server
+import io
 import json
 import os
 import re
@@ -1111,16 +1112,57 @@ def test_client_reads_support_folders_as_the_exporter(tmp_path):
             class_folders(str(path))
 
 
+def _request_images(images) -> np.ndarray:
+    """A request's `{"b64": PNG}` leaves (nested lists) as float32 images `[..., 28, 28, 1]`.
+
+    Decoded with PIL and preprocessed by the training code, independently of the
+    served graph's own decoding.
+    """
+    if isinstance(images, list):
+        return np.stack([_request_images(item) for item in images])
+    picture = Image.open(io.BytesIO(base64.b64decode(images["b64"]))).convert("L")
+    return omniglot.preprocess(np.asarray(picture)[None])[0]
+
+
+def _sample_request_logits(exported, inputs: dict) -> np.ndarray:
+    """What the library computes for a sample request, in the served model's layout.
+
+    Task model: the network adapted to the exported support set, normalising every
+    query with the support set's statistics (what a `bn_stats=batch` run's task
+    model fixes at export), i.e. the support set as the context of the query pass.
+    Meta-model: `adapt` + `predict` on the request's own task.
+    """
+    learner = exported.learner
+    if "image_bytes" in inputs:
+        support = exported.support.images
+        params = learner.adapt(support, exported.support.labels)
+        logits, _ = learner.backbone.forward(
+            tf.concat([support, _request_images(inputs["image_bytes"])], 0), params,
+            learner.config.eval_inner_steps - 1, False, context=len(support))
+        return logits.numpy()[len(support):]
+    support_x = _request_images(inputs["support_image_bytes"])[0]
+    query_x = _request_images(inputs["query_image_bytes"])[0]
+    support_y = np.array(inputs["support_labels"][0], np.int32)
+    return library_meta_logits(learner, support_x, support_y, query_x)[None]
+
+
 @pytest.mark.parametrize("model,file,shape",
                          [("omniglot_5way_task", "task_model_request.json", (2, 5)),
                           ("omniglot_5way_meta", "meta_model_request.json", (1, 2, 5))])
-def test_sample_rest_requests_are_served(rest_server, model, file, shape):
+def test_sample_rest_requests_are_served(exported, rest_server, model, file, shape):
     with open(os.path.join(SERVING, file)) as stream:
         body = json.load(stream)
     outputs = serving_requests.rest_predict(
         serving_requests.rest_url(rest_server, model), body)
     assert outputs["probabilities"].shape == shape
-    np.testing.assert_allclose(outputs["probabilities"].sum(axis=-1), 1.0, atol=1e-5)
+    expected = _sample_request_logits(exported, body["inputs"])
+    assert expected.shape == shape
+    np.testing.assert_allclose(outputs["probabilities"], softmax(expected), atol=1e-5)
+    np.testing.assert_array_equal(outputs["class_ids"], expected.argmax(axis=-1))
+    if "logits" in outputs:
+        np.testing.assert_allclose(outputs["logits"], expected, atol=1e-5)
+    # The answer tells the images apart: a near-uniform one would pass any check above.
+    assert np.ptp(softmax(expected), axis=-1).min() > 1e-2
 
 
 @needs_serving_api
