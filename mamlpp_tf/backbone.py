@@ -47,6 +47,16 @@ def _leaky_relu(x: tf.Tensor) -> tf.Tensor:
     return tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE)
 
 
+def _matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """`a @ b`, whose op is named `matmul` (`tf.linalg.matmul`'s is `MatMul`).
+
+    Op names steer the order of Grappler's graph rewrites, and with it float
+    rounding: keeping the name keeps float32 runs bit-identical to before the
+    mixed-precision option existed.
+    """
+    return a @ b
+
+
 def _pool(x: tf.Tensor, impl: str) -> tf.Tensor:
     """2×2/2 max pooling with floor, on `[B, H, W, C]`.
 
@@ -86,7 +96,11 @@ class VGGBackbone(keras.layers.Layer):
       pool_impl: `"max_pool"` or `"reshape"` (XLA-safe second derivative).
       context_size: For an exported task model under `"tasknorm"`: the support
         size its stored context moments come from (see `PerStepBatchNorm`).
-      **kwargs: Standard layer arguments (`name`, `dtype`).
+      **kwargs: Standard layer arguments (`name`, `dtype`). A mixed dtype
+        policy (`"mixed_bfloat16"`) runs the convolutions and the head's
+        matmul in its compute dtype; variables, batch norm, activations
+        between layers and everything the inner loop updates stay in the
+        variable dtype.
 
     Raises:
       ValueError: if the image is too small for the number of stages, or an
@@ -128,7 +142,7 @@ class VGGBackbone(keras.layers.Layer):
         self.norms = [
             PerStepBatchNorm(num_steps, per_step=per_step_bn, policy=bn_policy,
                              context_size=context_size, name=f"norm{i}",
-                             dtype=self.dtype_policy)
+                             dtype=self.dtype_policy.variable_dtype)
             for i in range(self.num_stages)
         ]
         for i, norm in enumerate(self.norms):
@@ -193,6 +207,19 @@ class VGGBackbone(keras.layers.Layer):
         return {name: tf.convert_to_tensor(self.weights_by_name[name])
                 for name in self.param_names}
 
+    def _low_precision(self, fn, *tensors: tf.Tensor) -> tf.Tensor:
+        """`fn(*tensors)` computed in the compute dtype, returned in the first tensor's dtype.
+
+        With a plain dtype policy both casts are no-ops (`tf.cast` adds no op
+        when the dtype already matches), so the float32/float64 graph is
+        unchanged. Under `"mixed_bfloat16"` the products run in bfloat16
+        (oneDNN's AVX-512 BF16 kernels where the CPU has them) and their
+        gradients come back through the casts in the same precision.
+        """
+        dtype = tensors[0].dtype
+        result = fn(*(tf.cast(t, self.compute_dtype) for t in tensors))
+        return tf.cast(result, dtype)
+
     def _conv(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         """3×3 convolution with padding 1 on both sides, as PyTorch's padding=1.
 
@@ -230,7 +257,8 @@ class VGGBackbone(keras.layers.Layer):
         """
         moments = []
         for i, norm in enumerate(self.norms):
-            x = self._conv(x, params[f"conv{i}/kernel"]) + params[f"conv{i}/bias"]
+            x = (self._low_precision(self._conv, x, params[f"conv{i}/kernel"]) +
+                 params[f"conv{i}/bias"])
             count = _count(x, (0, 1, 2), context)
             x, mean, variance = norm.normalize(x, step=step, training=training,
                                                context=context)
@@ -242,7 +270,8 @@ class VGGBackbone(keras.layers.Layer):
             x = tf.reshape(x, [tf.shape(x)[0], -1])
         else:
             x = tf.reduce_mean(x, axis=[1, 2])
-        return x @ params["dense/kernel"] + params["dense/bias"], moments
+        logits = self._low_precision(_matmul, x, params["dense/kernel"])
+        return logits + params["dense/bias"], moments
 
     def forward_tasks(self,
                       x: tf.Tensor,
@@ -282,7 +311,7 @@ class VGGBackbone(keras.layers.Layer):
             # `+`, not `tf.nn.bias_add`: oneDNN's graph rewrite fuses
             # BiasAddGrad into the filter gradient, and in these second-order
             # graphs that fusion makes a cycle ("nodes in a cycle").
-            x = (self._task_conv(x, params[f"conv{i}/kernel"]) +
+            x = (self._low_precision(self._task_conv, x, params[f"conv{i}/kernel"]) +
                  params[f"conv{i}/bias"][:, None, None, None, :])
             count = _count(x, (1, 2, 3), context)
             x, mean, variance = norm.normalize(x, step=step, training=training,
@@ -296,7 +325,7 @@ class VGGBackbone(keras.layers.Layer):
             x = tf.reshape(x, [tasks, batch, -1])  # Flattened as in `forward`.
         else:
             x = tf.reduce_mean(x, axis=[2, 3])
-        logits = tf.linalg.matmul(x, params["dense/kernel"])
+        logits = self._low_precision(tf.linalg.matmul, x, params["dense/kernel"])
         return logits + params["dense/bias"][:, None, :], moments
 
     def _task_conv(self, x: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:

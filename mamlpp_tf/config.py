@@ -7,6 +7,8 @@ import dataclasses
 from mamlpp_tf.layers import BN_POLICIES
 
 TASK_IMPLS = ("loop", "batched", "auto")
+# None: everything in the variable dtype.
+COMPUTE_DTYPES = (None, "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,10 @@ class LearnerConfig:
         benchmarks/README.md).
       jit_compile: Compile the steps with XLA.
       dtype: Variable and compute dtype (`"float32"`; `"float64"` for tests).
+      compute_dtype: `"bfloat16"` runs the convolutions and the head's matmul
+        in bfloat16 (Keras' `"mixed_bfloat16"` policy on the backbone) while
+        variables, batch norm, the inner-loop updates and the losses stay in
+        `dtype` (float32); None computes everything in `dtype`.
     """
     n_way: int = 5
     image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -75,6 +81,12 @@ class LearnerConfig:
     task_impl: str = "auto"
     jit_compile: bool = False
     dtype: str = "float32"
+    compute_dtype: str | None = None
+
+    @property
+    def dtype_policy(self) -> str:
+        """The backbone's Keras dtype policy name."""
+        return "mixed_bfloat16" if self.compute_dtype == "bfloat16" else self.dtype
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
@@ -103,6 +115,10 @@ class LearnerConfig:
             (self.task_impl in TASK_IMPLS, "task_impl", f"must be one of {TASK_IMPLS}"),
             (self.dtype in ("float32", "float64"), "dtype",
              "must be 'float32' or 'float64'"),
+            (self.compute_dtype in COMPUTE_DTYPES, "compute_dtype",
+             f"must be one of {COMPUTE_DTYPES}"),
+            (self.compute_dtype is None or self.dtype == "float32", "compute_dtype",
+             "needs dtype='float32' (bfloat16 products with float32 variables)"),
         ]
         for ok, field, message in checks:
             if not ok:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from mamlpp_tf.config import (DATASETS, NAN_POLICIES, OMNIGLOT_SPLITS, STRATEGIES, TASK_IMPLS,
-                              LearnerConfig, RunConfig)
+from mamlpp_tf.config import (COMPUTE_DTYPES, DATASETS, NAN_POLICIES, OMNIGLOT_SPLITS,
+                              STRATEGIES, TASK_IMPLS, LearnerConfig, RunConfig)
 from mamlpp_tf.layers import BN_POLICIES
 
 FLAGS = flags.FLAGS
@@ -121,6 +121,10 @@ flags.DEFINE_enum("task_impl", "auto", TASK_IMPLS,
                   "Task layout of the meta-step: loop (one task after another), "
                   "batched (all tasks through the network together), auto (by shape).")
 flags.DEFINE_boolean("jit_compile", False, "Compile the meta-steps with XLA.")
+flags.DEFINE_enum("compute_dtype", None, [d for d in COMPUTE_DTYPES if d],
+                  "bfloat16: convolutions and the head's matmul in bfloat16, with float32 "
+                  "variables, batch norm, inner-loop updates and losses (benchmarks/README.md "
+                  "has its speed and accuracy). Unset: float32 throughout.")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -162,7 +166,8 @@ def run_config_from_flags() -> RunConfig:
         second_order=FLAGS.second_order, first_order_epochs=FLAGS.first_order_epochs,
         meta_lr=FLAGS.meta_lr, min_meta_lr=FLAGS.min_meta_lr, epochs=FLAGS.epochs,
         iterations_per_epoch=FLAGS.iterations_per_epoch, grad_clip=FLAGS.grad_clip,
-        task_impl=FLAGS.task_impl, jit_compile=FLAGS.jit_compile)
+        task_impl=FLAGS.task_impl, jit_compile=FLAGS.jit_compile,
+        compute_dtype=FLAGS.compute_dtype)
     return RunConfig(
         learner=learner, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         download=FLAGS.download, omniglot_split=FLAGS.omniglot_split,

@@ -109,7 +109,7 @@ class MamlPlusPlus:
             max_pooling=config.max_pooling, num_steps=config.inner_steps,
             per_step_bn=config.per_step_bn, bn_policy=config.bn_stats,
             pool_impl="reshape" if config.jit_compile else "max_pool",
-            dtype=config.dtype, name="backbone")
+            dtype=config.dtype_policy, name="backbone")
         self.lslr = PerStepLearningRates(
             self.backbone.param_names, config.inner_steps, config.inner_lr,
             trainable=config.learn_inner_lr, dtype=config.dtype, name="lslr")
@@ -433,10 +433,19 @@ class MamlPlusPlus:
                                "meta-update is applied once, from the default context")
         self._check_batch(batch)
         msl, second_order, weights = self._epoch_modes(epoch)
+        return self.train_step_function(msl, second_order)(
+            batch, tf.constant(weights, self.config.dtype))
+
+    def train_step_function(self, msl: bool, second_order: bool) -> Callable:
+        """The `tf.function` behind `train_step` in one mode: `fn(batch, msl_weights)`.
+
+        For profiling and cost models (`get_concrete_function`); `train_step`
+        picks the mode from the epoch and checks the batch first.
+        """
         key = (msl, second_order)
         if key not in self._train_fns:
             self._train_fns[key] = self._make_train_fn(msl, second_order)
-        return self._train_fns[key](batch, tf.constant(weights, self.config.dtype))
+        return self._train_fns[key]
 
     def _make_train_fn(self, msl: bool, second_order: bool) -> Callable:
         """The traced meta-step: per-replica gradients, one reduction, clip, apply.
@@ -558,9 +567,13 @@ class MamlPlusPlus:
           ValueError: as `_check_batch`.
         """
         self._check_batch(batch)
+        return self.eval_step_function()(batch)
+
+    def eval_step_function(self) -> Callable:
+        """The `tf.function` behind `eval_step`: `fn(batch)` (see `train_step_function`)."""
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_fn()
-        return self._eval_fn(batch)
+        return self._eval_fn
 
     def _make_eval_fn(self) -> Callable:
         strategy = self._strategy

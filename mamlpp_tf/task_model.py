@@ -79,7 +79,7 @@ def task_network(learner: MamlPlusPlus, bn_stats: str,
                        bn_policy="tasknorm" if bn_stats == "tasknorm" else "running",
                        pool_impl=backbone.pool_impl,
                        context_size=support_size if bn_stats == "tasknorm" else None,
-                       dtype=config.dtype,
+                       dtype=config.dtype_policy,
                        name="task_network")
 
 
