@@ -29,13 +29,8 @@ import tensorflow as tf
 
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.data import mini_imagenet
-
-KINDS = ("omniglot", "imagenet", "unit")
-_KIND_OF_DATASET = {
-    "omniglot": "omniglot",
-    "mini_imagenet": "imagenet",
-    "synthetic": "unit"
-}
+from mamlpp_tf.data.registry import SERVING_KINDS as KINDS
+from mamlpp_tf.data.registry import dataset_info, serving_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,30 +51,26 @@ class Preprocessing:
         object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
         if self.kind not in KINDS:
             raise ValueError(f"preprocessing kind {self.kind!r} must be one of {KINDS}")
-        allowed = {"omniglot": (1,), "imagenet": (3,), "unit": (1, 3)}[self.kind]
-        if self.image_shape[2] not in allowed:
+        if self.image_shape[2] not in serving_info(self.kind).channels:
             raise ValueError(f"{self.kind} preprocessing cannot make images of shape "
                              f"{self.image_shape}")
 
     @classmethod
     def for_run(cls, config: RunConfig) -> "Preprocessing":
         """The preprocessing the run's dataset used in training."""
-        return cls(_KIND_OF_DATASET[config.dataset], config.learner.image_shape)
+        return cls(dataset_info(config.dataset).serving_kind, config.learner.image_shape)
 
     def pixel_values(self) -> np.ndarray:
         """float32 `[256, C]`: the network's value of 8-bit level `v` in channel `c`.
 
-        Computed once with numpy by the training code's own arithmetic; the graph
-        looks values up instead of recomputing them, so graph rewrites (e.g. a
-        division turned into a multiplication) cannot change a bit.
+        Computed once with numpy by the training code's own function (the
+        dataset's `preprocess` in `data.registry`); the graph looks values up
+        instead of recomputing them, so graph rewrites (e.g. a division turned
+        into a multiplication) cannot change a bit.
         """
         levels = np.repeat(
             np.arange(256, dtype=np.uint8)[:, None], self.image_shape[2], 1)
-        if self.kind == "imagenet":
-            return mini_imagenet.normalize(levels)
-        if self.kind == "omniglot":
-            return (levels > 127).astype(np.float32)
-        return levels.astype(np.float32) / np.float32(255.0)
+        return serving_info(self.kind).preprocess(levels)
 
     def decode(self, image_bytes: tf.Tensor) -> tf.Tensor:
         """One PNG/JPEG (scalar string) as float32 `[H, W, C]`; graph-compatible."""

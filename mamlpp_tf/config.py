@@ -1,87 +1,181 @@
-"""`LearnerConfig`: the hyper-parameters of one MAML/MAML++ learner, validated once."""
+"""`LearnerConfig` and `RunConfig`: every hyper-parameter of a run, declared and checked once.
+
+Each field is declared by `option`: its default, its `help` and its bounds or
+choices. The training job's flags are generated from these fields
+(`mamlpp_tf.flags`: same name, type, default and help), and `__post_init__`
+checks the bounds, the choices and the combinations of fields, collecting every
+problem into one `ConfigError`. Dataset facts (image shape, images per class,
+validation classes) come from `mamlpp_tf.data.registry`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, Sequence
 
+from mamlpp_tf.data import omniglot
+from mamlpp_tf.data.registry import DATASETS, dataset_info
 from mamlpp_tf.layers import BN_POLICIES
 
 TASK_IMPLS = ("loop", "batched", "auto")
 # None: everything in the variable dtype.
 COMPUTE_DTYPES = (None, "bfloat16")
+DTYPES = ("float32", "float64")
+OMNIGLOT_SPLITS = omniglot.SPLITS
+STRATEGIES = ("default", "mirrored", "multi_worker")
+NAN_POLICIES = ("stop", "skip")
+
+
+def option(default: Any, help_text: str, *, lower: float | None = None,
+           above: float | None = None, choices: Sequence[Any] | None = None,
+           flag: bool = True) -> Any:
+    """Declares a config field with what its checks and its flag need.
+
+    Args:
+      default: The field's default.
+      help_text: What the field means (also its flag's help); metadata `help`.
+      lower: Smallest allowed value (inclusive).
+      above: Values must exceed this (exclusive).
+      choices: The allowed values.
+      flag: Whether the training job has a flag for it (False for fields set
+        from other flags or only from Python).
+
+    Returns:
+      A `dataclasses.field` carrying the above as metadata.
+    """
+    return dataclasses.field(default=default, metadata=dict(
+        help=help_text, lower=lower, above=above, choices=choices, flag=flag))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One failed check: the fields involved, the one to change first, and why.
+
+    Attributes:
+      values: The fields involved and their values; the first is at fault.
+      reason: Why, worded to follow the first field's name.
+    """
+    values: dict[str, Any]
+    reason: str
+
+    def __str__(self) -> str:
+        name, value = next(iter(self.values.items()))
+        return f"{name}={value!r} {self.reason}."
+
+
+class ConfigError(ValueError):
+    """A config with bad fields; `str` gives one line per problem.
+
+    Attributes:
+      problems: Every `Problem` found.
+    """
+
+    def __init__(self, problems: Sequence[Problem]):
+        super().__init__("\n".join(str(problem) for problem in problems))
+        self.problems = tuple(problems)
+
+
+def _field_problems(config: Any) -> list[Problem]:
+    """The fields of `config` outside their declared bounds or choices."""
+    problems = []
+    for field in dataclasses.fields(config):
+        meta, value = field.metadata, getattr(config, field.name)
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            reason = f"must be one of {tuple(meta['choices'])}"
+        elif meta.get("lower") is not None and value < meta["lower"]:
+            reason = f"must be >= {meta['lower']}"
+        elif meta.get("above") is not None and value <= meta["above"]:
+            reason = f"must be > {meta['above']}"
+        else:
+            continue
+        problems.append(Problem({field.name: value}, reason))
+    return problems
+
+
+# A check across fields: (passed, the fields involved and their values, reason).
+Combination = tuple[bool, dict[str, Any], str]
+
+
+def _check(config: Any, combinations: Callable[[], list[Combination]]) -> None:
+    """Raises `ConfigError` listing the problems of `config`.
+
+    Args:
+      config: A config dataclass whose fields were declared by `option`.
+      combinations: Returns the checks across fields; called once every field
+        is valid on its own, so that it may rely on that (e.g. look up the
+        dataset).
+    """
+    problems = _field_problems(config)
+    if not problems:
+        problems = [Problem(values, reason) for ok, values, reason in combinations() if not ok]
+    if problems:
+        raise ConfigError(problems)
 
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     """Everything that defines a learner's network, inner loop and outer loop.
 
-    Defaults are the official MAML++ Omniglot 5-way 1-shot values (the official code's
-    experiment configs, AntreasAntoniou/HowToTrainYourMAMLPytorch).
+    Defaults are the official MAML++ Omniglot 5-way 1-shot values (the official
+    code's experiment configs, AntreasAntoniou/HowToTrainYourMAMLPytorch). Each
+    field's `help` says what it means.
 
-    Attributes:
-      n_way: Classes per task (size of the head).
-      image_shape: `(H, W, C)` of the images.
-      num_filters: Channels of every convolution.
-      num_stages: Conv stages of the backbone.
-      max_pooling: Max-pool after each stage; False = strided convolutions.
-      inner_steps: Inner steps `S` in meta-training (rows of per-step BN).
-      eval_inner_steps: Inner steps at evaluation; at most `inner_steps`
-        because per-step batch norm has only `inner_steps` rows.
-      inner_lr: Initial (MAML++) or fixed (MAML) inner learning rate.
-      learn_inner_lr: LSLR: learn one rate per tensor and step.
-      per_step_bn: BNWB+BNRS: per-step batch-norm weights and statistics.
-      bn_stats: Batch-norm statistics (see `PerStepBatchNorm`): `"batch"`
-        (official behaviour, transductive), `"running"` (per-step running
-        statistics at evaluation), `"support"` (MetaBN: the support set's) or
-        `"tasknorm"` (TaskNorm-I: the support set's blended with each
-        image's). The last two are trained as they are served: a query's
-        prediction never depends on the other queries.
-      msl_epochs: Epochs of multi-step loss annealing; 0 turns MSL off.
-      second_order: Use second-order meta-gradients (after `first_order_epochs`).
-      first_order_epochs: Derivative-order annealing: epochs `0..k` are first
-        order; -1 turns DA off.
-      meta_lr: Initial meta learning rate (Adam).
-      min_meta_lr: Cosine-annealing floor; equal to `meta_lr` turns CA off.
-      epochs: Total epochs (the cosine period `T_max`).
-      iterations_per_epoch: Meta-iterations per epoch.
-      grad_clip: Element-wise clip of network gradients (not LSLR), 0 = off.
-      adam_epsilon: Adam's epsilon (Keras convention, see README).
-      task_impl: `"loop"` (tasks one after another, the reference),
-        `"batched"` (all tasks through the network together, each with its
-        own weights and batch statistics) or `"auto"` (batched for tasks of
-        at most 40 query images, where it is faster; see
-        benchmarks/README.md).
-      jit_compile: Compile the steps with XLA.
-      dtype: Variable and compute dtype (`"float32"`; `"float64"` for tests).
-      compute_dtype: `"bfloat16"` runs the convolutions and the head's matmul
-        in bfloat16 (Keras' `"mixed_bfloat16"` policy on the backbone) while
-        variables, batch norm, the inner-loop updates and the losses stay in
-        `dtype` (float32); None computes everything in `dtype`.
+    Raises:
+      ConfigError: A field is out of range, or fields do not fit together.
     """
-    n_way: int = 5
-    image_shape: tuple[int, int, int] = (28, 28, 1)
-    num_filters: int = 64
-    num_stages: int = 4
-    max_pooling: bool = True
-    inner_steps: int = 5
-    eval_inner_steps: int = 5
-    inner_lr: float = 0.1
-    learn_inner_lr: bool = True
-    per_step_bn: bool = True
-    bn_stats: str = "batch"
-    msl_epochs: int = 10
-    second_order: bool = True
-    first_order_epochs: int = -1
-    meta_lr: float = 1e-3
-    min_meta_lr: float = 1e-5
-    epochs: int = 100
-    iterations_per_epoch: int = 500
-    grad_clip: float = 0.0
-    adam_epsilon: float = 1e-8
-    task_impl: str = "auto"
-    jit_compile: bool = False
-    dtype: str = "float32"
-    compute_dtype: str | None = None
+    n_way: int = option(5, "Classes per task (N).", lower=2)
+    image_shape: tuple[int, int, int] = option(
+        (28, 28, 1), "(H, W, C) of the images; the training job takes it from --dataset.",
+        flag=False)
+    num_filters: int = option(64, "Channels of every convolution.", lower=1)
+    num_stages: int = option(4, "Conv stages of the backbone.", lower=1)
+    max_pooling: bool = option(
+        True, "Max-pool after each stage; --nomax_pooling uses stride-2 convolutions and "
+        "global average pooling.")
+    inner_steps: int = option(5, "Inner-loop steps in meta-training (S).", lower=1)
+    eval_inner_steps: int = option(
+        5, "Inner-loop steps at evaluation; at most --inner_steps (per-step batch norm and "
+        "LSLR have one row per training step).", lower=1)
+    inner_lr: float = option(0.1, "Initial (MAML++) or fixed (MAML) inner learning rate.")
+    learn_inner_lr: bool = option(
+        True, "LSLR: learn one inner learning rate per weight tensor and step.")
+    per_step_bn: bool = option(
+        True, "BNWB+BNRS: per-step batch-norm weights, biases and statistics; "
+        "--noper_step_bn shares one set (plain MAML).")
+    bn_stats: str = option(
+        "batch", "batch: batch statistics for support and query, always (what the official "
+        "code does; transductive: a query's answer depends on the other queries); running: "
+        "per-step running statistics at evaluation (the paper's stated intent); support: "
+        "every pass normalised with the support set's statistics (MetaBN); tasknorm: the "
+        "support set's blended with each image's own (TaskNorm-I). support and tasknorm "
+        "train the model the way it is served, one image at a time.", choices=BN_POLICIES)
+    msl_epochs: int = option(10, "Epochs of multi-step-loss annealing; 0 = off.", lower=0)
+    second_order: bool = option(True, "Second-order meta-gradients.")
+    first_order_epochs: int = option(
+        -1, "Derivative-order annealing: epochs 0..k are first order, second order after; "
+        "-1 = off.", lower=-1)
+    meta_lr: float = option(1e-3, "Initial meta learning rate (Adam).", above=0)
+    min_meta_lr: float = option(
+        1e-5, "Cosine-annealing floor of the meta learning rate; = --meta_lr turns "
+        "annealing off.", lower=0)
+    epochs: int = option(100, "Training epochs (also the cosine period).", lower=1)
+    iterations_per_epoch: int = option(500, "Meta-iterations per epoch.", lower=1)
+    grad_clip: float = option(
+        0.0, "Element-wise clip of network gradients (not LSLR); 0 = off (official: 10 for "
+        "mini-ImageNet).", lower=0)
+    adam_epsilon: float = option(
+        1e-8, "Adam's epsilon (Keras convention, see README).", above=0, flag=False)
+    task_impl: str = option(
+        "auto", "Task layout of the meta-step: loop (one task after another), batched (all "
+        "tasks through the network together), auto (by shape).", choices=TASK_IMPLS)
+    jit_compile: bool = option(False, "Compile the meta-steps with XLA.")
+    dtype: str = option(
+        "float32", "Variable and compute dtype (float64 for tests).", choices=DTYPES,
+        flag=False)
+    compute_dtype: str | None = option(
+        None, "bfloat16: convolutions and the head's matmul in bfloat16, with float32 "
+        "variables, batch norm, inner-loop updates and losses (benchmarks/README.md has its "
+        "speed and accuracy). Unset: float32 throughout.", choices=COMPUTE_DTYPES)
 
     @property
     def dtype_policy(self) -> str:
@@ -90,45 +184,27 @@ class LearnerConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
-        checks = [
-            (self.n_way >= 2, "n_way", "must be >= 2"),
-            (len(self.image_shape) == 3 and min(self.image_shape) >= 1, "image_shape",
-             "must be (H, W, C) with positive sizes"),
-            (self.num_filters >= 1, "num_filters", "must be >= 1"),
-            (self.num_stages >= 1, "num_stages", "must be >= 1"),
-            (self.inner_steps >= 1, "inner_steps", "must be >= 1"),
-            (1 <= self.eval_inner_steps <= self.inner_steps, "eval_inner_steps",
-             f"must be in [1, inner_steps={self.inner_steps}]: per-step batch norm "
-             "and LSLR have one row per training step"),
-            (self.bn_stats in BN_POLICIES, "bn_stats", f"must be one of {BN_POLICIES}"),
-            (self.bn_stats != "running" or self.per_step_bn, "bn_stats",
+        _check(self, self._combinations)
+
+    def _combinations(self) -> list[Combination]:
+        """The checks across fields."""
+        return [
+            (len(self.image_shape) == 3 and min(self.image_shape) >= 1,
+             dict(image_shape=self.image_shape), "must be (H, W, C) with positive sizes"),
+            (self.eval_inner_steps <= self.inner_steps,
+             dict(eval_inner_steps=self.eval_inner_steps, inner_steps=self.inner_steps),
+             f"must be in [1, inner_steps={self.inner_steps}]: per-step batch norm and LSLR "
+             "have one row per training step"),
+            (self.bn_stats != "running" or self.per_step_bn,
+             dict(bn_stats=self.bn_stats, per_step_bn=self.per_step_bn),
              "'running' needs per_step_bn (shared BN keeps no running statistics)"),
-            (self.msl_epochs >= 0, "msl_epochs", "must be >= 0 (0 = off)"),
-            (self.first_order_epochs >= -1, "first_order_epochs", "must be >= -1"),
-            (self.meta_lr > 0, "meta_lr", "must be > 0"),
-            (0 <= self.min_meta_lr <= self.meta_lr, "min_meta_lr",
-             "must be in [0, meta_lr]"),
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.iterations_per_epoch >= 1, "iterations_per_epoch", "must be >= 1"),
-            (self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)"),
-            (self.adam_epsilon > 0, "adam_epsilon", "must be > 0"),
-            (self.task_impl in TASK_IMPLS, "task_impl", f"must be one of {TASK_IMPLS}"),
-            (self.dtype in ("float32", "float64"), "dtype",
-             "must be 'float32' or 'float64'"),
-            (self.compute_dtype in COMPUTE_DTYPES, "compute_dtype",
-             f"must be one of {COMPUTE_DTYPES}"),
-            (self.compute_dtype is None or self.dtype == "float32", "compute_dtype",
+            (self.min_meta_lr <= self.meta_lr,
+             dict(min_meta_lr=self.min_meta_lr, meta_lr=self.meta_lr),
+             "must be in [0, meta_lr]: the annealing floor may not exceed the initial rate"),
+            (self.compute_dtype is None or self.dtype == "float32",
+             dict(compute_dtype=self.compute_dtype, dtype=self.dtype),
              "needs dtype='float32' (bfloat16 products with float32 variables)"),
         ]
-        for ok, field, message in checks:
-            if not ok:
-                raise ValueError(f"{field}={getattr(self, field)!r} {message}.")
-
-
-DATASETS = ("omniglot", "mini_imagenet", "synthetic")
-OMNIGLOT_SPLITS = ("paper", "background_evaluation")
-STRATEGIES = ("default", "mirrored", "multi_worker")
-NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,76 +213,74 @@ class RunConfig:
 
     Built from flags by `mamlpp_tf.flags`, written to `<model_dir>/config.json`
     and read back by `evaluate`, `report` and the exporters, so nothing below
-    the command line reads flags.
+    the command line reads flags. Each field's `help` says what it means;
+    `learner` holds the learner's hyper-parameters.
 
-    Attributes:
-      learner: The learner's hyper-parameters.
-      dataset: One of `DATASETS`.
-      data_dir: Dataset location (TFDS dir for Omniglot, folder for
-        mini-ImageNet); None = TFDS's default.
-      download: Let TFDS download Omniglot.
-      omniglot_split: `"paper"` (official 1150/50/423) or
-        `"background_evaluation"`.
-      k_shot: Support images per class.
-      n_query: Query images per class.
-      meta_batch_size: Tasks per meta-iteration (global, across replicas).
-      val_tasks: Fixed validation tasks per evaluation.
-      test_tasks: Fixed test tasks.
-      ensemble_top_k: Validation-best epochs kept and ensembled at test time.
-      seed: Train seed: weight initialisation and the training task stream.
-      val_seed: Seed of the fixed validation and test tasks (0 officially).
-      model_dir: Run directory.
-      strategy: One of `STRATEGIES`.
-      cpu_replicas: Split the CPU into this many logical devices (testing the
-        distributed path without GPUs); 0 = off.
-      checkpoint_every: Iterations between mid-epoch checkpoints.
-      nan_policy: On a non-finite meta-loss or gradient (never applied):
-        `"stop"` the run, or `"skip"` the update and go on.
+    Raises:
+      ConfigError: A field is out of range, or fields (the learner's included)
+        do not fit together or the dataset.
     """
     learner: LearnerConfig
-    dataset: str = "omniglot"
-    data_dir: str | None = None
-    download: bool = True
-    omniglot_split: str = "paper"
-    k_shot: int = 1
-    n_query: int = 1
-    meta_batch_size: int = 8
-    val_tasks: int = 600
-    test_tasks: int = 600
-    ensemble_top_k: int = 5
-    seed: int = 0
-    val_seed: int = 0
-    model_dir: str = "runs/omniglot"
-    strategy: str = "default"
-    cpu_replicas: int = 0
-    checkpoint_every: int = 100
-    nan_policy: str = "stop"
+    dataset: str = option("omniglot", "Dataset to meta-learn on.", choices=DATASETS)
+    data_dir: str | None = option(
+        None, "Omniglot: a TFDS data dir (prepared, or where TFDS downloads to; default: "
+        "TFDS's own). mini-ImageNet: the folder holding train/val/test/<wnid>/*.jpg. Unused "
+        "for synthetic.")
+    download: bool = option(
+        True, "Let TFDS download and prepare Omniglot if it is not in --data_dir.")
+    omniglot_split: str = option(
+        "paper", "paper: the official MAML++ 1150/50/423 character split; "
+        "background_evaluation: background alphabets for training (with a seeded "
+        "validation carve-out), evaluation alphabets for testing.", choices=OMNIGLOT_SPLITS)
+    k_shot: int = option(1, "Support images per class (K).", lower=1)
+    n_query: int = option(1, "Query (target) images per class (Q); official: 1 for "
+                          "Omniglot, 15 for mini-ImageNet.", lower=1)
+    meta_batch_size: int = option(8, "Tasks per meta-iteration, across all replicas.",
+                                  lower=1)
+    val_tasks: int = option(600, "Fixed validation tasks, evaluated every epoch.", lower=1)
+    test_tasks: int = option(600, "Fixed test tasks.", lower=1)
+    ensemble_top_k: int = option(
+        5, "Validation-best epochs kept and ensembled (averaged logits) at test time.",
+        lower=1)
+    seed: int = option(0, "Train seed: initial weights and the training task stream.",
+                       lower=0)
+    val_seed: int = option(0, "Seed of the fixed validation and test tasks.", lower=0)
+    model_dir: str = option(
+        "runs/omniglot", "Run directory: checkpoints, TensorBoard logs, config.json and "
+        "results.json. Re-running the same command resumes.")
+    strategy: str = option(
+        "default", "default: one device; mirrored: the meta-batch's tasks split across "
+        "local GPUs; multi_worker: across machines (TF_CONFIG).", choices=STRATEGIES)
+    cpu_replicas: int = option(
+        0, "Split the CPU into this many logical devices so the distributed path runs "
+        "without GPUs (for tests); 0 = off.", lower=0)
+    checkpoint_every: int = option(100, "Iterations between mid-epoch checkpoints.",
+                                   lower=1)
+    nan_policy: str = option(
+        "stop", "A NaN/Inf meta-loss or meta-gradient is never applied. stop: end the run "
+        "naming the iteration and the last good checkpoint; skip: drop that update and go "
+        "on (counted in TensorBoard and results.json).", choices=NAN_POLICIES)
 
     def __post_init__(self):
-        checks = [
-            (self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}"),
-            (self.omniglot_split in OMNIGLOT_SPLITS, "omniglot_split",
-             f"must be one of {OMNIGLOT_SPLITS}"),
-            (self.k_shot >= 1, "k_shot", "must be >= 1"),
-            (self.n_query >= 1, "n_query", "must be >= 1"),
-            (self.dataset != "omniglot" or self.k_shot + self.n_query <= 20, "k_shot",
-             f"+ n_query = {self.k_shot + self.n_query} exceeds Omniglot's 20 images per "
-             "class"),
-            (self.meta_batch_size >= 1, "meta_batch_size", "must be >= 1"),
-            (self.val_tasks >= 1, "val_tasks", "must be >= 1"),
-            (self.test_tasks >= 1, "test_tasks", "must be >= 1"),
-            (self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1"),
-            (self.seed >= 0, "seed", "must be >= 0"),
-            (self.val_seed >= 0, "val_seed", "must be >= 0"),
-            (bool(self.model_dir), "model_dir", "must be set"),
-            (self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}"),
-            (self.cpu_replicas >= 0, "cpu_replicas", "must be >= 0"),
-            (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
-            (self.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {NAN_POLICIES}"),
+        _check(self, self._combinations)
+
+    def _combinations(self) -> list[Combination]:
+        """The checks across fields and against the dataset's facts."""
+        info = dataset_info(self.dataset)
+        shots, n_way = self.k_shot + self.n_query, self.learner.n_way
+        return [
+            (bool(self.model_dir), dict(model_dir=self.model_dir), "must be set"),
+            (info.images_per_class is None or shots <= info.images_per_class,
+             dict(k_shot=self.k_shot, n_query=self.n_query, dataset=self.dataset),
+             f"+ n_query = {shots} exceeds {info.title}'s {info.images_per_class} images "
+             "per class"),
+            (info.val_classes is None or n_way <= info.val_classes,
+             dict(n_way=n_way, dataset=self.dataset),
+             f"exceeds the {info.val_classes} classes of {info.title}'s validation split"),
+            (info.source != "folder" or bool(self.data_dir),
+             dict(data_dir=self.data_dir, dataset=self.dataset),
+             f"must be set: {info.title} is read from a folder"),
         ]
-        for ok, field, message in checks:
-            if not ok:
-                raise ValueError(f"{field}={getattr(self, field)!r} {message}.")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (the learner's fields nested under `learner`)."""

@@ -61,9 +61,10 @@ def test_flags_give_a_runnable_job_or_a_named_error(values):
                                            (sets["test"], "test", config.test_tasks)):
                 next(iter(experiment.eval_tasks(config, class_set, kind, tasks)))
         except (flags.Error, ValueError) as error:
-            message = str(error)
-            named = set(re.findall(r"\b([a-z_]+)=", message))
-            assert named & set(values) | named & {"image_shape"}, message
+            # One line per problem (the configs report every one), each naming a flag.
+            for line in str(error).splitlines():
+                named = set(re.findall(r"\b([a-z_]+)=", line))
+                assert named & (set(values) | {"image_shape"}), str(error)
             return
     # A valid job: the learner and a first meta-batch of the right shapes exist.
     assert batch[0].shape == (values["meta_batch_size"],

@@ -23,11 +23,11 @@ from mamlpp_tf.data.class_set import ClassSet, DatasetNotFoundError, ImageStore
 from mamlpp_tf.data.episodes import (SPLIT_KINDS, Task, TaskDraw, check_episode_shape,
                                      derive_seed, draw_task, episodes, make_task,
                                      task_seed)
-
-DATASETS = ("omniglot", "mini_imagenet", "synthetic")
+from mamlpp_tf.data.registry import DATASETS, DatasetInfo, dataset_info
 
 __all__ = [
     "DATASETS",
+    "DatasetInfo",
     "SPLIT_KINDS",
     "ClassSet",
     "DatasetNotFoundError",
@@ -35,6 +35,7 @@ __all__ = [
     "Task",
     "TaskDraw",
     "check_episode_shape",
+    "dataset_info",
     "derive_seed",
     "draw_task",
     "episodes",
@@ -69,8 +70,7 @@ def load(name: str,
       ValueError: Unknown `name`, or an argument that does not apply to it.
       DatasetNotFoundError: The data is missing; the message says how to get it.
     """
-    if name not in DATASETS:
-        raise ValueError(f"dataset name={name!r} must be one of {DATASETS}")
+    dataset_info(name)  # Refuses an unknown name.
     if name == "omniglot":
         return omniglot.load(split or "paper", data_dir, download, **kwargs)
     if split is not None:

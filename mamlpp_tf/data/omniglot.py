@@ -59,6 +59,8 @@ TFDS_NAME = "omniglot"
 SPLITS = ("paper", "background_evaluation")
 IMAGES_PER_CLASS = 20
 IMAGE_SIZE = 28
+# Validation classes of both splits: the paper's 1200 - 1150, the carve-out's default.
+VAL_CLASSES = 50
 # np.random.RandomState(0).randint(1, 999999): the official val_seed=0 derived seed.
 PAPER_SPLIT_SEED = 985773
 PAPER_FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
@@ -134,7 +136,12 @@ def preprocess(images: np.ndarray) -> np.ndarray:
             f"images must be [n, H, W] or [n, H, W, C], got {images.shape}")
     rows = _nearest_indices(images.shape[1], IMAGE_SIZE)
     cols = _nearest_indices(images.shape[2], IMAGE_SIZE)
-    return (images[:, rows[:, None], cols[None, :]] > 127).astype(np.float32)[..., None]
+    return binarize(images[:, rows[:, None], cols[None, :]])[..., None]
+
+
+def binarize(images: np.ndarray) -> np.ndarray:
+    """Official Omniglot pixel values: above 127 (paper) 1.0, ink 0.0, as float32."""
+    return (images > 127).astype(np.float32)
 
 
 def _nearest_indices(source: int, target: int) -> np.ndarray:
@@ -146,7 +153,7 @@ def load(split: str = "paper",
          download: bool = False,
          *,
          file_order: str | os.PathLike | None = None,
-         val_classes: int = 50) -> dict[str, ClassSet]:
+         val_classes: int = VAL_CLASSES) -> dict[str, ClassSet]:
     """Loads Omniglot as train/val/test class sets.
 
     Args:

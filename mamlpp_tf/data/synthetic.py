@@ -84,6 +84,11 @@ def glyphs(num_classes: int, images_per_class: int, image_shape: tuple[int, int,
     return images.reshape(num_classes, images_per_class, height, width, channels)
 
 
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """8-bit images as the generator's float32 values in [0, 1]: `x / 255`."""
+    return images.astype(np.float32) / np.float32(255.0)
+
+
 def _squared_segment_distance(pixels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """Squared distances `[b, S, P]` from pixels `[P, 2]` to segments `[b, S, 2, 2]`.
 
