@@ -15,7 +15,7 @@ TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
   statistics stand in for the query batch's (the run's `served_accuracy`
   measures the difference).
 * **Meta-model**: `learner.adapt` + `learner.predict` inside the graph for
-  every request, i.e. the per-task logits of `learner.eval_step`. Under
+  every request, i.e. the per-task logits of `Trainer.eval_step`. Under
   `--bn_stats=support|tasknorm` a query's answer does not depend on the
   other queries of the request; under `batch` (the transductive official
   protocol) the queries of a request are normalised together, so send a

@@ -1,8 +1,9 @@
 """mamlpp_tf: MAML++ ("How to train your MAML", Antoniou et al., ICLR 2019) in Keras 3 / TF2.
 
-The public API is small: `LearnerConfig` and `MamlPlusPlus` for meta-learning,
-the layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`,
-and the schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
+The public API is small: `LearnerConfig`, `MamlPlusPlus` (the algorithm) and
+`Trainer` (its distributed meta-step and optimiser) for meta-learning, the
+layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`, and the
+schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
 """
 
 import contextlib
@@ -65,12 +66,14 @@ from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.layers import PerStepBatchNorm, PerStepLearningRates
 from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.trainer import Trainer
 
 __all__ = [
     "LearnerConfig",
     "MamlPlusPlus",
     "PerStepBatchNorm",
     "PerStepLearningRates",
+    "Trainer",
     "VGGBackbone",
 ]
 __version__ = "0.1.0"

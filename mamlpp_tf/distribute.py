@@ -3,14 +3,15 @@
 `default` runs on one device; `mirrored` splits the tasks of every meta-batch
 across the local GPUs (or across logical CPU devices with `cpu_replicas`);
 `multi_worker` does the same across machines described by `TF_CONFIG`, one
-replica per GPU of every worker (one per worker without GPUs). The learner
-keeps every task's batch-norm statistics on its own replica and reduces
+replica per GPU of every worker (one per worker without GPUs). Every task's
+batch-norm statistics stay on its own replica and the trainer reduces the
 gradients once, so the learning dynamics do not depend on the number of
 replicas.
 
 Also the pieces a training loop needs around the strategy: distributing the
-meta-batches (`distribute_dataset`), who writes (`is_chief`), how the other
-workers take part in a save (`write_as_non_chief`), and a `barrier`.
+meta-batches (`distribute_dataset`), how the workers other than the chief
+(`strategy.extended.should_checkpoint`, the one that writes) take part in a
+save (`write_as_non_chief`), and a `barrier`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def resolve(name: str, meta_batch_size: int, cpu_replicas: int = 0) -> tf.distri
         instead of GPUs (testing the distributed path without GPUs).
 
     Returns:
-      The strategy; build the learner under its `scope()`.
+      The strategy; build the learner and its trainer under its `scope()`.
 
     Raises:
       ValueError: on an unknown name, a missing/invalid `TF_CONFIG` for
@@ -147,16 +148,6 @@ def write_as_non_chief(checkpoint: tf.train.Checkpoint) -> None:
         checkpoint.write(os.path.join(directory, "ckpt"))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this worker writes checkpoints, summaries and results."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and
-                                            "chief" not in resolver.cluster_spec().jobs)
 
 
 def _check_tf_config() -> None:

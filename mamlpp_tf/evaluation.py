@@ -31,7 +31,7 @@ from mamlpp_tf import files
 from mamlpp_tf import runs
 from mamlpp_tf import task_model
 from mamlpp_tf.config import RunConfig
-from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +50,13 @@ class TaskResults:
     labels: np.ndarray
 
 
-def evaluate(learner: MamlPlusPlus,
+def evaluate(trainer: Trainer,
              dataset: Iterable,
              strategy: tf.distribute.Strategy | None = None) -> TaskResults:
-    """Runs `learner.eval_step` over every meta-batch of `dataset`.
+    """Runs `trainer.eval_step` over every meta-batch of `dataset`.
 
     Args:
-      learner: The learner (its variables are left unchanged).
+      trainer: The trainer of the learner (its variables are left unchanged).
       dataset: Meta-batches; a `tf.data.Dataset` of the fixed tasks.
       strategy: If given, the dataset is distributed with it; every worker
         then takes part and receives the results of all tasks.
@@ -69,7 +69,7 @@ def evaluate(learner: MamlPlusPlus,
         dataset = distribute.distribute_dataset(strategy, dataset)
     parts: dict[str, list[np.ndarray]] = {"loss": [], "logits": [], "labels": []}
     for batch in dataset:
-        result = learner.eval_step(batch)
+        result = trainer.eval_step(batch)
         for key, values in parts.items():
             values.append(result[key].numpy())
     logits, labels = np.concatenate(parts["logits"]), np.concatenate(parts["labels"])
@@ -160,7 +160,7 @@ def correctness(result: TaskResults) -> np.ndarray:
     return correctness_of(result.logits, result.labels)
 
 
-def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
+def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
              test_set: data.ClassSet, history: list[dict],
              strategy: tf.distribute.Strategy) -> dict:
     """The final test: the best single epoch and the top-k logit ensemble.
@@ -168,7 +168,8 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
     Args:
       config: The run's config (tasks, ensemble size).
       run: Its run directory (epoch checkpoints).
-      learner: A learner of the run's shape; it ends holding the last member.
+      trainer: The trainer of a learner of the run's shape; the learner ends
+        holding the last member.
       test_set: The test classes.
       history: Validation entries of the epochs that may be used.
       strategy: Distribution strategy of `learner`.
@@ -179,6 +180,7 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
       the paired per-task difference served − protocol of the single model.
     """
     top = runs.top_epochs(history, config.ensemble_top_k)
+    learner = trainer.learner
     tasks = experiment.eval_tasks(config, test_set, "test", config.test_tasks,
                                   strategy.num_replicas_in_sync)
     served = task_model.served_logits_fn(learner, task_model.default_bn_stats(config.learner),
@@ -186,7 +188,7 @@ def run_test(config: RunConfig, run: runs.RunDir, learner: MamlPlusPlus,
     members, served_members = [], []
     for epoch in top:
         run.restore_epoch(learner, epoch)
-        members.append(evaluate(learner, tasks, strategy))
+        members.append(evaluate(trainer, tasks, strategy))
         served_members.append(evaluate_served(served, tasks))
     single = summarize(members[0].accuracies, correctness(members[0]))
     accuracies, correct = ensemble(members)
@@ -265,7 +267,9 @@ def evaluate_run(model_dir: str,
     strategy = tf.distribute.get_strategy()
     sets = experiment.load_class_sets(config)
     learner = experiment.build_learner(config, strategy)
-    results = run_test(config, run, learner, sets["test"], history, strategy)
+    with strategy.scope():
+        trainer = Trainer(learner)
+    results = run_test(config, run, trainer, sets["test"], history, strategy)
     results.update(config=config.to_dict(), validation=history)
     files.write_json(os.path.join(model_dir, "evaluation.json"), results)
     return results

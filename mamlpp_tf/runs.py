@@ -33,6 +33,7 @@ import tensorflow as tf
 from mamlpp_tf import files
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.trainer import Trainer
 
 # Fields that may differ between the run that created a model_dir and a resumed
 # one: where the data lives and how often to checkpoint do not change results.
@@ -171,16 +172,16 @@ class RunDir:
 
     # ------------------------------------------------------------ checkpoints
 
-    def latest_manager(self, learner: MamlPlusPlus,
+    def latest_manager(self, trainer: Trainer,
                        counters: dict[str, tf.Variable] | None = None
                        ) -> tf.train.CheckpointManager:
         """Manager of the full training state (two kept, so one can fall back).
 
         Args:
-          learner: Its model, LSLR and optimizer are saved.
+          trainer: Its learner's model and LSLR, and its optimizer, are saved.
           counters: Extra progress variables saved alongside (e.g. iteration).
         """
-        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items(), **(counters or {}))
+        checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **(counters or {}))
         return tf.train.CheckpointManager(checkpoint, self.latest_dir, max_to_keep=2)
 
     def epoch_path(self, epoch: int) -> str:

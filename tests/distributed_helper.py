@@ -27,6 +27,7 @@ from conftest import random_batch, tiny_config  # pylint: disable=g-import-not-a
 from mamlpp_tf import distribute  # pylint: disable=g-import-not-at-top
 from mamlpp_tf import files  # pylint: disable=g-import-not-at-top
 from mamlpp_tf.learner import MamlPlusPlus  # pylint: disable=g-import-not-at-top
+from mamlpp_tf.trainer import Trainer  # pylint: disable=g-import-not-at-top
 
 REPLICAS = 2
 TASKS = 4
@@ -39,17 +40,18 @@ def _meta_steps(strategy: tf.distribute.Strategy, config, batches) -> dict:
     """Three SGD meta-steps of a freshly seeded learner under `strategy`."""
     keras.utils.set_random_seed(3)
     with strategy.scope():
-        learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(SGD_RATE))
+        learner = MamlPlusPlus(config)
+        trainer = Trainer(learner, optimizer=keras.optimizers.SGD(SGD_RATE))
     dataset = tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(p) for p in zip(*batches)))
     losses = [
-        float(learner.train_step(batch, epoch=0)["loss"])
+        float(trainer.train_step(batch, epoch=0)["loss"])
         for batch in distribute.distribute_dataset(strategy, dataset)
     ]
     copies = [
         strategy.experimental_local_results(v.value)
         for v in learner.trainable_variables + learner.running_stat_variables +
-        learner.optimizer.variables
+        trainer.optimizer.variables
     ]
     return dict(losses=np.array(losses),
                 params=[np.asarray(v) for v in learner.trainable_variables],
@@ -65,7 +67,7 @@ def _meta_steps(strategy: tf.distribute.Strategy, config, batches) -> dict:
 def _clipped_fraction(config, batch) -> float:
     """Fraction of the network's first meta-gradient entries that the clip changes."""
     keras.utils.set_random_seed(3)
-    learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(SGD_RATE))
+    learner = MamlPlusPlus(config)
     with tf.GradientTape() as tape:
         loss = learner.meta_loss(batch, epoch=0)
     grads = tape.gradient(loss, learner.network_variables)

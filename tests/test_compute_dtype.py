@@ -5,15 +5,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import meta_gradient, random_batch, tiny_config
-from mamlpp_tf import LearnerConfig, MamlPlusPlus
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
 
 CONVOLUTIONS = {"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"}
 
 
 def _train_graph(config: LearnerConfig) -> tf.Graph:
-    learner = MamlPlusPlus(config)
+    trainer = Trainer(MamlPlusPlus(config))
     batch = tuple(tf.constant(v) for v in random_batch(config, tasks=2))
-    function = learner.train_step_function(msl=True, second_order=True)
+    function = trainer.train_step_function(msl=True, second_order=True)
     weights = tf.fill([config.inner_steps], tf.constant(1.0 / config.inner_steps))
     return function.get_concrete_function(batch, weights).graph
 

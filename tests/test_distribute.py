@@ -73,19 +73,16 @@ WORKERS_ONLY = dict(worker=["a:1", "b:1"])
 WITH_CHIEF = dict(chief=["c:1"], worker=["a:1"])
 
 
-@pytest.mark.parametrize("jobs,task,chief,workers", [
-    (WORKERS_ONLY, ("worker", 0), True, 2),
-    (WORKERS_ONLY, ("worker", 1), False, 2),
-    (WITH_CHIEF, ("worker", 0), False, 2),
-    (WITH_CHIEF, ("chief", 0), True, 2),
+@pytest.mark.parametrize("jobs,task,workers", [
+    (WORKERS_ONLY, ("worker", 1), 2),
+    (WITH_CHIEF, ("chief", 0), 2),
+    (dict(chief=["c:1"], worker=["a:1", "b:1"]), ("worker", 1), 3),
 ])
-def test_only_one_worker_is_chief(jobs, task, chief, workers):
+def test_num_workers_counts_the_chief_and_the_workers(jobs, task, workers):
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(jobs), task_type=task[0], task_id=task[1])
     strategy = types.SimpleNamespace(cluster_resolver=resolver)
-    assert distribute.is_chief(strategy) == chief
     assert distribute.num_workers(strategy) == workers
-    assert distribute.is_chief(tf.distribute.get_strategy())
     assert distribute.num_workers(tf.distribute.get_strategy()) == 1
 
 

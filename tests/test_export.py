@@ -49,6 +49,7 @@ from mamlpp_tf import runs
 from mamlpp_tf import task_model
 from mamlpp_tf.config import LearnerConfig, RunConfig
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
+from mamlpp_tf.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = os.path.join(ROOT, "export", "serving")
@@ -86,14 +87,17 @@ def make_run(model_dir: str, bn_stats: str = "batch", seed: int = 0) -> str:
     run.write_or_check_config(config)
     learner = experiment.build_learner(config)
     rng = np.random.RandomState(seed)
-    for norm in learner.backbone.norms:
-        shape = norm.gamma.shape
-        norm.gamma.assign(rng.uniform(0.5, 1.5, shape))
-        norm.beta.assign(rng.normal(0.0, 0.2, shape))
-        norm.running_mean.assign(rng.normal(0.0, 0.2, shape))
-        norm.running_var.assign(rng.uniform(0.5, 2.0, shape))
-    for rate in learner.lslr.rates.values():
-        rate.assign(rng.uniform(0.05, 0.3, rate.shape))
+    draws = dict(gamma=lambda shape: rng.uniform(0.5, 1.5, shape),
+                 beta=lambda shape: rng.normal(0.0, 0.2, shape),
+                 running_mean=lambda shape: rng.normal(0.0, 0.2, shape),
+                 running_var=lambda shape: rng.uniform(0.5, 2.0, shape),
+                 rate=lambda shape: rng.uniform(0.05, 0.3, shape))
+    weights = learner.get_weights()
+    for name, value in weights.items():
+        kind = "rate" if name.startswith("lslr/") else name.rsplit("/", 1)[1]
+        if kind in draws:
+            weights[name] = draws[kind](value.shape)
+    learner.set_weights(weights)
     run.save_epoch(learner, EPOCH)
     run.write_history([{"epoch": EPOCH, "accuracy": 0.5, "loss": 1.0, "ci95": 0.1}])
     return model_dir
@@ -309,9 +313,12 @@ def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
     model_dir = make_run(str(tmp_path / "run"), bn_stats="tasknorm", seed=2)
     config, learner, _ = saved_models.restore_learner(model_dir)
     rng = np.random.RandomState(3)
-    for norm in learner.backbone.norms:  # TaskNorm's blend away from α = 0.5.
-        norm.alpha_scale.assign(rng.normal(0.0, 0.3, norm.alpha_scale.shape))
-        norm.alpha_offset.assign(rng.normal(0.0, 1.0, norm.alpha_offset.shape))
+    weights = learner.get_weights()
+    for name, value in weights.items():  # TaskNorm's blend away from α = 0.5.
+        if name.endswith(("/alpha_scale", "/alpha_offset")):
+            scale = 0.3 if name.endswith("/alpha_scale") else 1.0
+            weights[name] = rng.normal(0.0, scale, value.shape)
+    learner.set_weights(weights)
     runs.RunDir(model_dir).save_epoch(learner, EPOCH)
     task_path = saved_models.export_task_model(model_dir, exported.support_dir,
                                                str(tmp_path / "task"))
@@ -320,7 +327,7 @@ def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
         assert json.load(stream)["bn_stats"] == "tasknorm"
     support = exported.support
     queries = exported.queries.astype(np.float32)
-    protocol = learner.eval_step(
+    protocol = Trainer(learner).eval_step(
         (support.images[None], support.labels[None], queries[None],
          np.zeros((1, len(queries)), np.int32)))["logits"].numpy()[0]
     task = tf.saved_model.load(task_path).signatures["serving_default"]
@@ -371,7 +378,7 @@ def test_meta_model_adapts_any_shot_and_query_count_like_the_library(
     # adapt + predict is the per-task logits of eval_step (the evaluation protocol).
     batch = (support_x[None], support_y[None], query_x[None],
              np.zeros((1, queries), np.int32))
-    np.testing.assert_allclose(exported.learner.eval_step(batch)["logits"][0],
+    np.testing.assert_allclose(Trainer(exported.learner).eval_step(batch)["logits"][0],
                                expected,
                                atol=1e-5)
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, TINY, random_batch, run_job, tiny_config
 from export.preprocessing import Preprocessing
 from export.support import class_folders, load_support
-from mamlpp_tf import MamlPlusPlus
+from mamlpp_tf import MamlPlusPlus, Trainer
 from mamlpp_tf import cli
 from mamlpp_tf import data
 from mamlpp_tf import files
@@ -196,14 +196,15 @@ def _replace(batch, index, value):
         "task_counts", "label_count", "empty_support", "image_dtype", "label_dtype"])
 def test_a_bad_batch_is_refused_before_tracing(make_batch, message):
     learner = MamlPlusPlus(tiny_config())
+    trainer = Trainer(learner)
     batch = random_batch(learner.config)
     wide = random_batch(tiny_config(n_way=4))  # A 4-way batch for this 2-way learner.
     bad = make_batch(batch, wide)
-    for step in (lambda: learner.train_step(bad, 0), lambda: learner.eval_step(bad),
+    for step in (lambda: trainer.train_step(bad, 0), lambda: trainer.eval_step(bad),
                  lambda: learner.meta_loss(bad, 0)):
         with pytest.raises(ValueError, match=message):
             step()
-    assert learner.trace_count == 0
+    assert trainer.trace_count == 0
 
 
 def test_adapt_and_predict_check_their_inputs():

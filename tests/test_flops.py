@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_batch
-from mamlpp_tf import LearnerConfig, MamlPlusPlus, flops
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer, flops
 
 
 def _ops(function, *args, op_type):
@@ -62,14 +62,14 @@ def test_analytic_count_equals_the_traced_steps(task_impl, second_order, msl, ma
     config = LearnerConfig(n_way=3, image_shape=(12, 10, 2), num_filters=4, num_stages=3,
                            inner_steps=3, eval_inner_steps=3, max_pooling=max_pooling,
                            second_order=second_order, task_impl=task_impl)
-    learner = MamlPlusPlus(config)
+    trainer = Trainer(MamlPlusPlus(config))
     batch = tuple(tf.constant(v) for v in random_batch(config, tasks=2, k_shot=2, n_query=3))
     shapes = dict(n_way=3, k_shot=2, n_query=3, tasks=2, image_shape=(12, 10, 2),
                   filters=4, stages=3, steps=3, max_pooling=max_pooling)
-    train = learner.train_step_function(msl=msl, second_order=second_order)
+    train = trainer.train_step_function(msl=msl, second_order=second_order)
     traced = train.get_concrete_function(batch, tf.constant(np.ones(3) / 3, tf.float32))
     assert flops.graph_flops(traced) == flops.analytic_flops(
         training=True, multi_step_loss=msl, second_order=second_order, **shapes)
-    evaluation = learner.eval_step_function().get_concrete_function(batch)
+    evaluation = trainer.eval_step_function().get_concrete_function(batch)
     assert flops.graph_flops(evaluation) == flops.analytic_flops(training=False, **shapes)
 

@@ -1,4 +1,4 @@
-"""MamlPlusPlus behaviour: steps, schedules, clipping, evaluation purity, learning."""
+"""MamlPlusPlus and its Trainer: steps, schedules, clipping, evaluation purity, learning."""
 
 import os
 import tempfile
@@ -9,54 +9,57 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_batch, tiny_config
-from mamlpp_tf import LearnerConfig, MamlPlusPlus
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
 from mamlpp_tf import schedules
 
 
-def snapshot(learner):
+def snapshot(trainer):
+    learner = trainer.learner
     variables = (learner.trainable_variables + learner.running_stat_variables +
-                 list(learner.lslr.variables) + list(learner.optimizer.variables))
+                 list(learner.lslr.variables) + list(trainer.optimizer.variables))
     return {id(v): np.array(v.numpy(), copy=True) for v in variables}
 
 
 def test_train_step_does_not_retrace_across_iterations():
-    learner = MamlPlusPlus(tiny_config(msl_epochs=5))
-    batches = [random_batch(learner.config, seed=s) for s in range(3)]
-    learner.train_step(batches[0], epoch=0)
-    traces = learner.trace_count
+    trainer = Trainer(MamlPlusPlus(tiny_config(msl_epochs=5)))
+    batches = [random_batch(trainer.learner.config, seed=s) for s in range(3)]
+    trainer.train_step(batches[0], epoch=0)
+    traces = trainer.trace_count
     # New data and new MSL weights (epochs 1, 2) reuse the same trace.
     for epoch, batch in enumerate(batches):
-        learner.train_step(batch, epoch=epoch)
-    assert learner.trace_count == traces
-    learner.eval_step(batches[0])
-    traces = learner.trace_count
-    learner.eval_step(batches[1])
-    learner.eval_step(batches[2])
-    assert learner.trace_count == traces
+        trainer.train_step(batch, epoch=epoch)
+    assert trainer.trace_count == traces
+    trainer.eval_step(batches[0])
+    traces = trainer.trace_count
+    trainer.eval_step(batches[1])
+    trainer.eval_step(batches[2])
+    assert trainer.trace_count == traces
 
 
 def test_evaluation_leaves_every_variable_bit_identical():
     for bn_stats in ("batch", "running"):
         learner = MamlPlusPlus(tiny_config(bn_stats=bn_stats))
-        learner.train_step(random_batch(learner.config), epoch=0)
-        before = snapshot(learner)
+        trainer = Trainer(learner)
+        trainer.train_step(random_batch(learner.config), epoch=0)
+        before = snapshot(trainer)
         batch = random_batch(learner.config, seed=7)
-        learner.eval_step(batch)
+        trainer.eval_step(batch)
         learner.adapt(batch[0][0], batch[1][0])
-        after = snapshot(learner)
+        after = snapshot(trainer)
         for key, value in before.items():
             np.testing.assert_array_equal(value, after[key])
 
 
 def test_train_step_applies_the_meta_gradient_with_sgd():
     config = tiny_config()
-    learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(learning_rate=0.5))
+    learner = MamlPlusPlus(config)
+    trainer = Trainer(learner, optimizer=keras.optimizers.SGD(learning_rate=0.5))
     batch = random_batch(config)
     with tf.GradientTape() as tape:
         loss = learner.meta_loss(batch, 0)
     grads = tape.gradient(loss, learner.trainable_variables)
     before = [v.numpy() for v in learner.trainable_variables]
-    result = learner.train_step(batch, epoch=0)
+    result = trainer.train_step(batch, epoch=0)
     np.testing.assert_allclose(result["loss"].numpy(), loss.numpy(), rtol=1e-12)
     for variable, old, grad in zip(learner.trainable_variables, before, grads):
         np.testing.assert_allclose(variable.numpy(), old - 0.5 * grad.numpy(), atol=1e-12)
@@ -76,7 +79,7 @@ def test_running_statistics_follow_the_support_then_query_pass():
     support = [conv0_moments(batch[0][t], backbone.initial_params()) for t in range(2)]
     query = [conv0_moments(batch[2][t], learner.adapt(batch[0][t], batch[1][t]))
              for t in range(2)]
-    learner.train_step(batch, epoch=0)
+    Trainer(learner).train_step(batch, epoch=0)
     mean, var = 0.0, 1.0
     for moments in (support, query):
         mean = 0.9 * mean + 0.1 * np.mean([m for m, _ in moments], axis=0)
@@ -87,9 +90,10 @@ def test_running_statistics_follow_the_support_then_query_pass():
 
 def test_grad_clip_clips_network_gradients_but_not_rates():
     config = tiny_config(grad_clip=1e-6)
-    learner = MamlPlusPlus(config, optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    learner = MamlPlusPlus(config)
+    trainer = Trainer(learner, optimizer=keras.optimizers.SGD(learning_rate=1.0))
     before = [v.numpy() for v in learner.trainable_variables]
-    learner.train_step(random_batch(config), epoch=0)
+    trainer.train_step(random_batch(config), epoch=0)
     n_network = len(learner.network_variables)
     deltas = [np.abs(v.numpy() - b).max() for v, b in zip(learner.trainable_variables, before)]
     assert max(deltas[:n_network]) <= 1e-6 + 1e-15
@@ -98,12 +102,12 @@ def test_grad_clip_clips_network_gradients_but_not_rates():
 
 def test_adam_uses_the_cosine_schedule_by_iteration():
     config = tiny_config(meta_lr=1e-3, min_meta_lr=1e-5, epochs=4, iterations_per_epoch=2)
-    learner = MamlPlusPlus(config)
-    assert learner.optimizer.epsilon == 1e-8
+    trainer = Trainer(MamlPlusPlus(config))
+    assert trainer.optimizer.epsilon == 1e-8
     lrs = []
     for _ in range(5):
-        lrs.append(float(learner.optimizer.learning_rate))
-        learner.train_step(random_batch(config), epoch=int(learner.iterations.numpy()) // 2)
+        lrs.append(float(trainer.optimizer.learning_rate))
+        trainer.train_step(random_batch(config), epoch=int(trainer.iterations.numpy()) // 2)
     want = [schedules.cosine_meta_lr(i // 2, 1e-3, 1e-5, 4) for i in range(5)]
     np.testing.assert_allclose(lrs, want, rtol=1e-6)
 
@@ -127,9 +131,10 @@ def test_derivative_order_switches_after_first_order_epochs():
 def test_adapt_and_predict_match_eval_step():
     config = tiny_config(bn_stats="running")
     learner = MamlPlusPlus(config)
-    learner.train_step(random_batch(config), epoch=0)
+    trainer = Trainer(learner)
+    trainer.train_step(random_batch(config), epoch=0)
     batch = random_batch(config, seed=3)
-    result = learner.eval_step(batch)
+    result = trainer.eval_step(batch)
     for t in range(2):
         params = learner.adapt(batch[0][t], batch[1][t])
         logits = learner.predict(batch[2][t], params)
@@ -157,16 +162,16 @@ def test_short_meta_training_learns_a_synthetic_task_family():
     config = LearnerConfig(n_way=5, image_shape=(12, 12, 1), num_filters=16, num_stages=2,
                            inner_steps=1, eval_inner_steps=1, inner_lr=0.4, msl_epochs=0,
                            meta_lr=1e-2, min_meta_lr=1e-2, task_impl="loop")
-    learner = MamlPlusPlus(config)
+    trainer = Trainer(MamlPlusPlus(config))
     rng = np.random.RandomState(0)
     prototypes = (rng.rand(60, 12, 12, 1) > 0.6).astype(np.float32)
     val = prototype_tasks(np.random.RandomState(99), prototypes[40:], 5, 1, 3, 8)
-    before = learner.eval_step(val)
+    before = trainer.eval_step(val)
     losses = []
     for _ in range(300):
         batch = prototype_tasks(rng, prototypes[:40], 5, 1, 3, 4)
-        losses.append(float(learner.train_step(batch, epoch=0)["loss"]))
-    after = learner.eval_step(val)
+        losses.append(float(trainer.train_step(batch, epoch=0)["loss"]))
+    after = trainer.eval_step(val)
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert float(np.mean(after["accuracy"])) > 0.55  # Chance is 0.2.
     assert float(np.mean(after["loss"])) < float(np.mean(before["loss"]))
@@ -183,17 +188,91 @@ def test_config_errors_name_the_field():
 
 def test_checkpoint_round_trip_restores_every_variable_and_the_next_step():
     config = tiny_config()
-    learner = MamlPlusPlus(config)
+    trainer = Trainer(MamlPlusPlus(config))
     batches = [random_batch(config, seed=s) for s in range(2)]
-    learner.train_step(batches[0], epoch=0)
-    path = tf.train.Checkpoint(**learner.checkpoint_items()).write(
+    trainer.train_step(batches[0], epoch=0)
+    path = tf.train.Checkpoint(**trainer.checkpoint_items()).write(
         os.path.join(tempfile.mkdtemp(), "ckpt"))
     keras.utils.set_random_seed(99)  # Different initial weights for the clone.
-    clone = MamlPlusPlus(config)
+    clone = Trainer(MamlPlusPlus(config))
     tf.train.Checkpoint(**clone.checkpoint_items()).read(path).assert_consumed()
-    originals, restored = snapshot(learner), snapshot(clone)
+    originals, restored = snapshot(trainer), snapshot(clone)
     assert len(originals) == len(restored) > 30
     for a, b in zip(originals.values(), restored.values()):
         np.testing.assert_array_equal(a, b)
-    want = learner.train_step(batches[1], epoch=0)["loss"].numpy()
+    want = trainer.train_step(batches[1], epoch=0)["loss"].numpy()
     np.testing.assert_array_equal(clone.train_step(batches[1], epoch=0)["loss"].numpy(), want)
+
+
+def numpy_vgg_logits(weights, images, row, stages):
+    """The VGG net in numpy from `get_weights()` names: HWIO kernels, BN row `row`."""
+    x = images
+    for i in range(stages):
+        kernel = weights[f"backbone/conv{i}/kernel"]
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        height, width = x.shape[1:3]
+        x = sum(padded[:, dy:dy + height, dx:dx + width] @ kernel[dy, dx]
+                for dy in range(3) for dx in range(3)) + weights[f"backbone/conv{i}/bias"]
+        mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+        x = ((x - mean) / np.sqrt(var + 1e-5) * weights[f"backbone/norm{i}/gamma"][row] +
+             weights[f"backbone/norm{i}/beta"][row])
+        x = np.where(x > 0, x, 0.01 * x)
+        n, height, width, channels = x.shape
+        x = x[:, :height // 2 * 2, :width // 2 * 2].reshape(
+            n, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+    return x.reshape(len(x), -1) @ weights["backbone/dense/kernel"] + weights[
+        "backbone/dense/bias"]
+
+
+def test_get_weights_names_every_variable_and_set_weights_round_trips():
+    source = MamlPlusPlus(tiny_config(bn_stats="tasknorm"))
+    keras.utils.set_random_seed(7)  # Other initial weights.
+    target = MamlPlusPlus(tiny_config(bn_stats="tasknorm"))
+    weights = source.get_weights()
+    assert len(weights) == len(source.backbone.weights + source.lslr.weights) == 24
+    assert {"backbone/conv1/kernel", "backbone/norm0/gamma", "backbone/norm1/running_var",
+            "backbone/norm0/alpha_scale", "lslr/dense/bias"} <= set(weights)
+    assert not np.array_equal(target.get_weights()["backbone/conv0/kernel"],
+                              weights["backbone/conv0/kernel"])
+    target.set_weights(weights)
+    for name, value in target.get_weights().items():
+        np.testing.assert_array_equal(value, weights[name], err_msg=name)
+    weights["backbone/dense/bias"] += 1.0  # A copy: the variable is untouched.
+    np.testing.assert_array_equal(source.backbone.weights_by_name["dense/bias"].numpy(),
+                                  target.get_weights()["backbone/dense/bias"])
+
+
+def test_set_weights_layout_matches_a_numpy_network_and_the_variables():
+    config = tiny_config()
+    learner = MamlPlusPlus(config)
+    rng = np.random.RandomState(0)
+    weights = {name: rng.randn(*value.shape) for name, value in learner.get_weights().items()}
+    learner.set_weights(weights)
+    np.testing.assert_array_equal(learner.lslr.rates["conv1/bias"].numpy(),
+                                  weights["lslr/conv1/bias"])
+    np.testing.assert_array_equal(learner.backbone.norms[1].running_mean.numpy(),
+                                  weights["backbone/norm1/running_mean"])
+    images = rng.randn(5, *config.image_shape)
+    for steps in (1, 2):  # The last step's batch-norm row: 0, then 1.
+        logits = learner.predict(images, learner.backbone.initial_params(), num_steps=steps)
+        np.testing.assert_allclose(logits.numpy(), numpy_vgg_logits(weights, images, steps - 1,
+                                                                    config.num_stages),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_set_weights_names_the_offending_key_and_changes_nothing():
+    learner = MamlPlusPlus(tiny_config())
+    before = learner.get_weights()
+    missing = dict(before)
+    del missing["backbone/norm1/beta"]
+    unknown = dict(before, **{"backbone/conv9/kernel": np.zeros(3)})
+    wrong = dict(before, **{"lslr/conv0/kernel": np.zeros(3)})
+    wrong["backbone/conv0/kernel"] = before["backbone/conv0/kernel"] + 1.0
+    for weights, message in ((missing, "missing key 'backbone/norm1/beta'"),
+                             (unknown, "unknown key 'backbone/conv9/kernel'"),
+                             (wrong, r"'lslr/conv0/kernel' has shape \(3,\), the learner's "
+                                     r"variable \(2,\)")):
+        with pytest.raises(ValueError, match=message):
+            learner.set_weights(weights)
+    for name, value in learner.get_weights().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)

@@ -37,8 +37,7 @@ def test_first_order_differs_and_coincides_when_inner_rates_are_zero():
     config = tiny_config()
     second = MamlPlusPlus(config)
     first = MamlPlusPlus(tiny_config(second_order=False))
-    for a, b in zip(first.trainable_variables, second.trainable_variables):
-        a.assign(b)
+    first.set_weights(second.get_weights())
     batch = random_batch(config)
     _, g2 = meta_gradient(second, batch, 0)
     _, g1 = meta_gradient(first, batch, 0)
@@ -46,8 +45,9 @@ def test_first_order_differs_and_coincides_when_inner_rates_are_zero():
     assert np.linalg.norm(flat1 - flat2) > 1e-3 * np.linalg.norm(flat2)
     # The second-order term is α·Hessian: with all rates 0 it vanishes.
     for learner in (first, second):
-        for rate in learner.lslr.rates.values():
-            rate.assign(np.zeros(rate.shape))
+        weights = learner.get_weights()
+        learner.set_weights({name: np.zeros_like(value) if name.startswith("lslr/") else value
+                             for name, value in weights.items()})
     _, g2 = meta_gradient(second, batch, 0)
     _, g1 = meta_gradient(first, batch, 0)
     for a, b in zip(g1, g2):
@@ -78,6 +78,7 @@ class LinearBackbone(keras.layers.Layer):
         self.kernel = self.add_weight(name="kernel", shape=(features, n_way),
                                       initializer="glorot_uniform")
         self.bias = self.add_weight(name="bias", shape=(n_way,), initializer="random_normal")
+        self.weights_by_name = {"dense/kernel": self.kernel, "dense/bias": self.bias}
 
     def initial_params(self):
         return {"dense/kernel": tf.convert_to_tensor(self.kernel),
@@ -120,8 +121,8 @@ def test_second_order_gradient_of_a_linear_model_in_closed_form():
                          image_shape=(2, 2, 1))
     backbone = LinearBackbone(4, 3, dtype="float64")
     learner = MamlPlusPlus(config, backbone=backbone)
-    learner.lslr.rates["dense/kernel"].assign([0.7])
-    learner.lslr.rates["dense/bias"].assign([-0.4])
+    learner.set_weights(dict(learner.get_weights(), **{"lslr/dense/kernel": [0.7],
+                                                       "lslr/dense/bias": [-0.4]}))
     batch = random_batch(config, tasks=3, k_shot=2, n_query=3)
     _, grads = meta_gradient(learner, batch, 0)
     got = dict(zip([v.path for v in learner.trainable_variables], grads))
@@ -166,10 +167,12 @@ def test_meta_gradient_equals_hand_unrolled_reference():
     _, grads = meta_gradient(learner, batch, epoch)
     got = dict(zip([v.path for v in learner.trainable_variables], grads))
 
-    weights = {k: tf.Variable(v.numpy()) for k, v in learner.backbone.weights_by_name.items()}
-    gammas = [tf.Variable(n.gamma.numpy()) for n in learner.backbone.norms]
-    betas = [tf.Variable(n.beta.numpy()) for n in learner.backbone.norms]
-    rates = {k: tf.Variable(v.numpy()) for k, v in learner.lslr.rates.items()}
+    values = learner.get_weights()
+    names = learner.backbone.param_names
+    weights = {k: tf.Variable(values[f"backbone/{k}"]) for k in names}
+    gammas = [tf.Variable(values[f"backbone/norm{i}/gamma"]) for i in range(2)]
+    betas = [tf.Variable(values[f"backbone/norm{i}/beta"]) for i in range(2)]
+    rates = {k: tf.Variable(values[f"lslr/{k}"]) for k in names}
     with tf.GradientTape() as tape:
         loss = reference_meta_loss(weights, gammas, betas, rates,
                                    [tf.constant(x) for x in batch], msl, 2)

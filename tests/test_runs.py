@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, TINY, tiny_config
-from mamlpp_tf import MamlPlusPlus
+from mamlpp_tf import MamlPlusPlus, Trainer
+from mamlpp_tf import controller
 from mamlpp_tf import files
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf import runs
-from mamlpp_tf import train
 from mamlpp_tf.config import RunConfig
 
 
@@ -109,10 +109,10 @@ def test_a_half_published_epoch_is_not_kept_and_is_pruned(ram_dir):
 def test_the_latest_manager_saves_and_restores_on_ram(ram_dir):
     run = runs.RunDir(ram_dir)
     iteration = tf.Variable(7, dtype=tf.int64)
-    manager = run.latest_manager(shifted_learner(2.0), {"iteration": iteration})
+    manager = run.latest_manager(Trainer(shifted_learner(2.0)), {"iteration": iteration})
     manager.save()
     restored, counter = shifted_learner(0.0), tf.Variable(0, dtype=tf.int64)
-    fresh = run.latest_manager(restored, {"iteration": counter})
+    fresh = run.latest_manager(Trainer(restored), {"iteration": counter})
     fresh.checkpoint.restore(fresh.latest_checkpoint).assert_existing_objects_matched()
     assert int(counter.numpy()) == 7 and run.has_progress()
     for got in weights(restored):
@@ -171,7 +171,7 @@ def test_a_tiny_run_trains_to_the_end_on_ram(ram_dir):
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["train", *TINY, f"--model_dir={ram_dir}"])
         config = run_flags.run_config_from_flags()
-    results = json.loads(json.dumps(train.train(config, log_every=8)))  # Tuples as lists.
+    results = json.loads(json.dumps(controller.train(config, log_every=8)))  # Tuples as lists.
     run = runs.RunDir(ram_dir)
     assert files.read_json(run.results_path) == results
     assert run.read_history() == results["validation"] and len(results["validation"]) == 2
@@ -179,4 +179,4 @@ def test_a_tiny_run_trains_to_the_end_on_ram(ram_dir):
     assert sorted(tf.io.gfile.listdir(run.checkpoint_dir)) == ["epoch_000", "epoch_001",
                                                                "latest"]
     assert tf.io.gfile.glob(os.path.join(run.tensorboard_dir, "*", "events.*"))
-    assert train.train(config) == results  # Finished: read back, not trained again.
+    assert controller.train(config) == results  # Finished: read back, not trained again.

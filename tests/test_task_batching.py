@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import meta_gradient, random_batch, tiny_config
-from mamlpp_tf import LearnerConfig, MamlPlusPlus
-from mamlpp_tf import learner as learner_lib
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
+from mamlpp_tf import inner_loop
 
 
 def small_config(**overrides) -> LearnerConfig:
@@ -32,27 +32,15 @@ def small_config(**overrides) -> LearnerConfig:
     return tiny_config(**values)
 
 
-def copy_variables(source: MamlPlusPlus, target: MamlPlusPlus) -> None:
-    for from_variable, to_variable in zip(
-            source.trainable_variables + source.running_stat_variables,
-            target.trainable_variables + target.running_stat_variables):
-        to_variable.assign(from_variable)
-
-
-def learner_pair(config: LearnerConfig,
-                 optimizer=None) -> tuple[MamlPlusPlus, MamlPlusPlus]:
+def learner_pair(config: LearnerConfig) -> tuple[MamlPlusPlus, MamlPlusPlus]:
     """A `loop` and a `batched` learner holding identical variables.
 
     Args:
       config: The learners' configuration (`task_impl` is overridden).
-      optimizer: A callable returning a fresh optimiser for each learner, or
-        None for the default.
     """
-    loop = MamlPlusPlus(dataclasses.replace(config, task_impl="loop"), optimizer and
-                        optimizer())
-    batched = MamlPlusPlus(dataclasses.replace(config, task_impl="batched"),
-                           optimizer and optimizer())
-    copy_variables(loop, batched)
+    loop = MamlPlusPlus(dataclasses.replace(config, task_impl="loop"))
+    batched = MamlPlusPlus(dataclasses.replace(config, task_impl="batched"))
+    batched.set_weights(loop.get_weights())
     return loop, batched
 
 
@@ -141,9 +129,7 @@ def test_float32_meta_gradient_at_paper_shapes_is_as_accurate_as_the_loop(seed):
     loop, batched = learner_pair(config)
     reference = MamlPlusPlus(
         dataclasses.replace(config, dtype="float64", task_impl="loop"))
-    for to_variable, from_variable in zip(reference.trainable_variables,
-                                          loop.trainable_variables):
-        to_variable.assign(tf.cast(from_variable, tf.float64))
+    reference.set_weights(loop.get_weights())  # Converted to float64.
     _, exact = meta_gradient(
         reference,
         tuple(x.astype(np.float64) if x.dtype.kind == "f" else x for x in batch))
@@ -166,10 +152,10 @@ def test_train_step_updates_variables_and_running_statistics_alike(dtype, rtol):
     mathematically zero (conv biases before batch norm) into full steps.
     """
     config = small_config(dtype=dtype, num_stages=2, inner_steps=2, eval_inner_steps=2)
-    loop, batched = learner_pair(config, lambda: keras.optimizers.SGD(0.1))
+    loop, batched = learner_pair(config)
     batch = random_batch(config, tasks=2, k_shot=1, n_query=2)
-    loop_metrics = loop.train_step(batch, epoch=0)
-    batched_metrics = batched.train_step(batch, epoch=0)
+    loop_metrics = Trainer(loop, keras.optimizers.SGD(0.1)).train_step(batch, epoch=0)
+    batched_metrics = Trainer(batched, keras.optimizers.SGD(0.1)).train_step(batch, epoch=0)
     np.testing.assert_allclose(batched_metrics["loss"], loop_metrics["loss"], rtol=rtol)
     np.testing.assert_allclose(batched_metrics["accuracy"], loop_metrics["accuracy"])
     running = loop.running_stat_variables
@@ -187,9 +173,9 @@ def test_eval_step_with_running_statistics_agrees():
     rng = np.random.RandomState(0)
     for variable in loop.running_stat_variables:
         variable.assign(variable + rng.rand(*variable.shape))
-    copy_variables(loop, batched)
+    batched.set_weights(loop.get_weights())
     batch = random_batch(config, tasks=2)
-    expected, actual = loop.eval_step(batch), batched.eval_step(batch)
+    expected, actual = Trainer(loop).eval_step(batch), Trainer(batched).eval_step(batch)
     for key in ("loss", "accuracy", "logits"):
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10)
 
@@ -202,16 +188,18 @@ def test_context_statistics_agree_across_layouts(bn_stats, second_order):
     loop, batched = learner_pair(config)
     if bn_stats == "tasknorm":
         rng = np.random.RandomState(0)
-        for norm in loop.backbone.norms:
-            for variable in (norm.alpha_scale, norm.alpha_offset):
-                variable.assign(rng.randn(*variable.shape))
-        copy_variables(loop, batched)
+        weights = loop.get_weights()
+        for name in weights:
+            if name.endswith(("/alpha_scale", "/alpha_offset")):
+                weights[name] = rng.randn(*weights[name].shape)
+        loop.set_weights(weights)
+        batched.set_weights(weights)
     batch = random_batch(config, tasks=3, k_shot=2, n_query=3)
     loop_loss, loop_grads = meta_gradient(loop, batch)
     batched_loss, batched_grads = meta_gradient(batched, batch)
     np.testing.assert_allclose(batched_loss, loop_loss, rtol=1e-10)
     assert_gradients_close(batched_grads, loop_grads, rtol=1e-8)
-    expected, actual = loop.eval_step(batch), batched.eval_step(batch)
+    expected, actual = Trainer(loop).eval_step(batch), Trainer(batched).eval_step(batch)
     for key in ("loss", "accuracy", "logits"):
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10)
 
@@ -219,7 +207,7 @@ def test_context_statistics_agree_across_layouts(bn_stats, second_order):
 def test_auto_batches_tasks_up_to_the_query_threshold():
     learner = MamlPlusPlus(small_config(task_impl="auto"))
     # pylint: disable=protected-access
-    threshold = learner_lib._AUTO_BATCHED_MAX_QUERY
+    threshold = inner_loop._AUTO_BATCHED_MAX_QUERY
     assert learner._task_impl(query_per_task=threshold) == "batched"
     assert learner._task_impl(query_per_task=threshold + 1) == "loop"
 
@@ -234,7 +222,7 @@ def test_xla_second_order_meta_gradient_agrees_with_graph_mode(task_impl):
                           task_impl=task_impl)
     graph_learner = MamlPlusPlus(config)
     xla_learner = MamlPlusPlus(dataclasses.replace(config, jit_compile=True))
-    copy_variables(graph_learner, xla_learner)
+    xla_learner.set_weights(graph_learner.get_weights())
     batch = random_batch(config, tasks=2)
 
     def gradient_fn(learner):

@@ -20,6 +20,7 @@ from mamlpp_tf import experiment
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf import runs
 from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf.trainer import Trainer
 
 def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
     model_dir, stdout = finished_run
@@ -66,8 +67,9 @@ def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finish
     run.restore_epoch(learner, test["best_epoch"])
     test_set = experiment.load_class_sets(config)["test"]
     accuracies = []
+    trainer = Trainer(learner)
     for batch in experiment.eval_tasks(config, test_set, "test", config.test_tasks):
-        result = learner.eval_step(batch)
+        result = trainer.eval_step(batch)
         correct = result["logits"].numpy().argmax(axis=-1) == result["labels"].numpy()
         accuracies.extend(correct.mean(axis=1))
     accuracies = np.array(accuracies)
