@@ -1,26 +1,69 @@
 """Benchmark of one MAML++ meta-iteration at the paper's shapes, on synthetic tensors.
 
-Prints one JSON line per (case, task layout, XLA setting): trace + first step
-time, median and min seconds per meta-iteration (train, second order unless
---first_order) and per evaluation step after warm-up, the process's peak RSS,
-and the official PyTorch code's per-task time on the same 2-core CPU with the
-speed-up over it. Each line comes from its own process, so peak RSS is that
-configuration's alone.
+Times our TensorFlow code and, with --official_repo, the official PyTorch code
+(AntreasAntoniou/HowToTrainYourMAMLPytorch, run by `official_step.py`) on the
+same machine in the same session, so the speed-up is measured, never copied
+from another machine. Every configuration runs in its own process, so its
+peak RSS is its own; the driver prints one JSON line per process.
+
+With --official_repo, each case runs in --rounds rounds; a round runs all of
+our configurations (--impl x --jit_compile) and one official run, ours first
+in even rounds and theirs first in odd ones, so drift in the machine's speed
+hits both sides alike. Our lines of a round are printed after its official
+line and compared with it. Without --official_repo no official figure and no
+speed-up is printed.
 
 Timings on a shared machine are noisy. Every timed step records how much CPU
 other processes used meanwhile; steps where that exceeds --max_foreign_cpu
 (a fraction of the step's wall time, in cores) are discarded and retried, up
 to three times --steps in all, and --wait_idle waits for a quiet machine
-before each configuration starts.
+before each process starts.
 
     python benchmarks/meta_step.py                      # all cases, both layouts
     python benchmarks/meta_step.py --cases=omniglot_5way_1shot --impl=batched
     python benchmarks/meta_step.py --jit_compile=off,on # XLA off and on
+    python benchmarks/meta_step.py --impl=auto --official_repo=/path/to/official \
+        --rounds=2 --wait_idle=300                      # side by side
+
+The official code needs `pip install torch==2.13.0` (CPU build) and a checkout
+of its repository; only its model code is imported (see `official_step.py`).
+
+Keys of every line (`code` is "mamlpp_tf" or "official"; ours also carry impl,
+jit_compile and compute_dtype):
+  trace_and_first_step_s: the first meta-iteration, including tracing and
+    graph building for ours (the official code has no trace: allocation and
+    warm-up only); eval_trace_and_first_s: the same for the first eval step.
+  train_median_s, train_min_s: wall seconds per meta-iteration (all
+    meta_batch tasks, second order unless --first_order, 5 inner steps,
+    multi-step loss on, Adam) over the kept steps; train_cpu_median_s: this
+    process's CPU seconds per step (over 1 means several cores worked);
+    train_per_task_s: train_median_s / meta_batch.
+  train_samples, train_discarded: steps kept and steps discarded for foreign
+    CPU use; foreign_cpu_frac: other processes' CPU seconds over the kept
+    steps' wall seconds.
+  eval_median_s: wall seconds per evaluation step (5 inner steps, first
+    order, query predictions) after the first.
+  peak_rss_mb: the process's peak resident memory (imports included).
+  train_gflop, eval_gflop: convolution and matmul FLOPs of one step (2 per
+    multiply-add), counted on our traced graph and required to equal the
+    analytic count from the shapes (`mamlpp_tf/flops.py`); official lines
+    carry the same count, since both codes run the same products.
+  peak_gflops: the best rate of a 2048² matmul in the line's compute dtype,
+    timed in the same process (our lines also give peak_gflops_float32 and
+    peak_gflops_bfloat16; official lines take our float32 peak of the round).
+  train_gflops, eval_gflops: FLOPs over the median; train_fraction_of_peak,
+    eval_fraction_of_peak: those over peak_gflops.
+  train_convolution_op_s, train_matmul_op_s, train_other_op_s (ours, with
+    --profile): op seconds by kind in one profiled step, summed over threads.
+Our lines measured side by side also carry: official_train_median_s,
+official_eval_median_s and official_peak_rss_mb (the same round's official
+line), speedup_vs_official and eval_speedup_vs_official (official median /
+ours), and target_speedup (the goal: at least that speed-up per
+meta-iteration, with peak_rss_mb no higher than official_peak_rss_mb).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -30,16 +73,16 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import numpy as np
+import psutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable as `python benchmarks/meta_step.py` from anywhere, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from mamlpp_tf import LearnerConfig, MamlPlusPlus
 
 # name: (n_way, k_shot, queries per class, meta-batch, image shape, filters)
 CASES = {
@@ -47,51 +90,81 @@ CASES = {
     "omniglot_20way_1shot": (20, 1, 1, 8, (28, 28, 1), 64),
     "mini_imagenet_5way_1shot": (5, 1, 15, 2, (84, 84, 3), 48),
 }
-# The official PyTorch code on the same 2-core CPU (issue 7): seconds per task
-# of a second-order meta-iteration, tasks one after another, and peak RSS.
-OFFICIAL = {
-    "omniglot_5way_1shot": dict(per_task_s=0.16, peak_rss_mb=1100),
-    "omniglot_20way_1shot": dict(per_task_s=0.44, peak_rss_mb=3100),
-    "mini_imagenet_5way_1shot": dict(per_task_s=3.2, peak_rss_mb=6500),
-}
-# Issue 7's targets: 1.5x the official speed, trace + first step within 15 s.
-TARGET_SPEEDUP = 1.5
-TARGET_TRACE_S = 15.0
+INNER_STEPS = 5  # the paper's, in training and evaluation alike
+TARGET_SPEEDUP = 3.0  # goal per meta-iteration over the official code
+_OFFICIAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "official_step.py")
+_PROCESS = psutil.Process()
+
+flags.DEFINE_list("cases", list(CASES), f"Cases, from: {', '.join(CASES)}.")
+flags.DEFINE_list("impl", ["loop", "batched"], "Our task layouts: loop, batched, auto.")
+flags.DEFINE_list("jit_compile", ["off"], "Our XLA settings: off, on, or off,on.")
+flags.DEFINE_list("compute_dtype", ["float32"], "Our products' dtypes: float32, bfloat16 "
+                  "(--compute_dtype of the main job), or both.")
+flags.DEFINE_bool("profile", True, "Profile one more train step of ours: seconds in "
+                  "convolutions, matmuls and other ops.")
+flags.DEFINE_integer("steps", 10, "Timed meta-iterations (and eval steps) after the first.",
+                     lower_bound=1)
+flags.DEFINE_bool("first_order", False, "First-order meta-gradients (both codes).")
+flags.DEFINE_float("max_foreign_cpu", 0.1, "Discard a timed step when other processes used "
+                   "more CPU than this fraction of its wall time.")
+flags.DEFINE_float("wait_idle", 0.0, "Seconds to wait at most for an idle machine before "
+                   "each process.")
+flags.DEFINE_float("timeout", None, "Seconds one process may take (reported as an error).")
+flags.DEFINE_bool("in_process", False, "Run our configurations here (used by the driver).")
+flags.DEFINE_string("official_repo", None, "Checkout of the official PyTorch code: time it "
+                    "side by side with ours.")
+flags.DEFINE_integer("rounds", 1, "Rounds of ours + official per case (with --official_repo).",
+                     lower_bound=1)
+flags.register_validator("cases", lambda v: set(v) <= set(CASES),
+                         f"--cases: choose from {list(CASES)}.")
+flags.register_validator("impl", lambda v: set(v) <= {"loop", "batched", "auto"},
+                         "--impl: choose from loop, batched, auto.")
+flags.register_validator("jit_compile", lambda v: set(v) <= {"off", "on"},
+                         "--jit_compile: choose from off, on.")
+flags.register_validator("compute_dtype", lambda v: set(v) <= {"float32", "bfloat16"},
+                         "--compute_dtype: choose from float32, bfloat16.")
+FLAGS = flags.FLAGS
 
 
-def synthetic_batch(n_way: int,
-                    k_shot: int,
-                    n_query: int,
-                    tasks: int,
-                    image_shape: tuple[int, int, int],
-                    seed: int = 0):
-    """Random images and class-major labels of the right shapes."""
+def synthetic_batch(name: str, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random images and class-major labels of case `name`'s shapes.
+
+    Args:
+      name: A key of `CASES`.
+      seed: Seed of the images, so every process times the same numbers.
+
+    Returns:
+      `(support_x, support_y, query_x, query_y)` as numpy arrays of shapes
+      `[tasks, n_way * k_shot, H, W, C]`, `[tasks, n_way * k_shot]` (int32),
+      and the same with queries per class for the query set.
+    """
+    n_way, k_shot, n_query, tasks, image_shape, _ = CASES[name]
     rng = np.random.RandomState(seed)
-    support_y = np.tile(np.repeat(np.arange(n_way), k_shot),
-                        (tasks, 1)).astype(np.int32)
-    query_y = np.tile(np.repeat(np.arange(n_way), n_query), (tasks, 1)).astype(np.int32)
-    return (tf.constant(
-        rng.rand(tasks, n_way * k_shot,
-                 *image_shape).astype(np.float32)), tf.constant(support_y),
-            tf.constant(
-                rng.rand(tasks, n_way * n_query,
-                         *image_shape).astype(np.float32)), tf.constant(query_y))
+
+    def labels(per_class: int) -> np.ndarray:
+        return np.tile(np.repeat(np.arange(n_way), per_class), (tasks, 1)).astype(np.int32)
+
+    support_x = rng.rand(tasks, n_way * k_shot, *image_shape).astype(np.float32)
+    query_x = rng.rand(tasks, n_way * n_query, *image_shape).astype(np.float32)
+    return support_x, labels(k_shot), query_x, labels(n_query)
 
 
 def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat)."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has spent busy, all cores (steal counts)."""
+    times = psutil.cpu_times()
+    # Linux accounts guest time in user time as well; idle and iowait are not busy.
+    idle = sum(getattr(times, f, 0.0) for f in ("idle", "iowait", "guest", "guest_nice"))
+    return sum(times) - idle
 
 
 def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds this process (all its threads) has used."""
+    times = _PROCESS.cpu_times()
+    return times.user + times.system
 
 
-def _timed_steps(step, steps: int, max_foreign_cpu: float) -> dict:
+def _timed_steps(step: Callable[[], None], steps: int, max_foreign_cpu: float) -> dict:
     """Wall and CPU time of `steps` calls that other processes left alone.
 
     A call during which other processes used more than `max_foreign_cpu`
@@ -114,12 +187,8 @@ def _timed_steps(step, steps: int, max_foreign_cpu: float) -> dict:
         if len(walls) == steps:
             break
     if not walls:
-        return dict(median_s=None,
-                    min_s=None,
-                    cpu_median_s=None,
-                    samples=0,
-                    discarded=discarded,
-                    foreign_cpu_frac=None)
+        return dict(median_s=None, min_s=None, cpu_median_s=None, samples=0,
+                    discarded=discarded, foreign_cpu_frac=None)
     return dict(median_s=round(statistics.median(walls), 4),
                 min_s=round(min(walls), 4),
                 cpu_median_s=round(statistics.median(cpus), 4),
@@ -128,7 +197,32 @@ def _timed_steps(step, steps: int, max_foreign_cpu: float) -> dict:
                 foreign_cpu_frac=round(foreign_total / sum(walls), 3))
 
 
+def time_case(train: Callable[[], None], evaluate: Callable[[], None], steps: int,
+              max_foreign_cpu: float) -> dict:
+    """Times a first train step, `steps` more, a first eval step and `steps` more.
+
+    Args:
+      train: Runs one meta-iteration to completion.
+      evaluate: Runs one evaluation step to completion.
+      steps: Timed calls of each after its first.
+      max_foreign_cpu: See `_timed_steps`.
+
+    Returns:
+      `first_s`, `train` (a `_timed_steps` dict), `eval_first_s`, `eval`.
+    """
+    start = time.perf_counter()
+    train()
+    first = time.perf_counter() - start
+    train_times = _timed_steps(train, steps, max_foreign_cpu)
+    start = time.perf_counter()
+    evaluate()
+    eval_first = time.perf_counter() - start
+    return dict(first_s=first, train=train_times, eval_first_s=eval_first,
+                eval=_timed_steps(evaluate, steps, max_foreign_cpu))
+
+
 def _cpu_model() -> str:
+    """The CPU's model name (psutil does not give it)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
@@ -139,63 +233,128 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_case(name: str, impl: str, steps: int, jit_compile: bool, first_order: bool,
-             max_foreign_cpu: float) -> dict:
-    """Times one configuration in this process and returns its JSON record."""
-    n_way, k_shot, n_query, tasks, image_shape, filters = CASES[name]
-    config = LearnerConfig(n_way=n_way,
-                           image_shape=image_shape,
-                           num_filters=filters,
-                           task_impl=impl,
-                           jit_compile=jit_compile,
-                           second_order=not first_order)
-    learner = MamlPlusPlus(config)
-    batch = synthetic_batch(n_way, k_shot, n_query, tasks, image_shape)
+def make_record(code: str, name: str, timings: dict, second_order: bool, **details) -> dict:
+    """Assembles the JSON record of one configuration; every line comes from here.
 
-    def train():
-        learner.train_step(batch, epoch=0)["loss"].numpy()
+    Args:
+      code: "mamlpp_tf" (ours) or "official".
+      name: The case, a key of `CASES`.
+      timings: What `time_case` returned.
+      second_order: Whether the meta-gradients were second order.
+      **details: Code-specific keys (layout, XLA, framework version...).
 
-    def evaluate():
-        learner.eval_step(batch)["loss"].numpy()
-
-    start = time.perf_counter()
-    train()
-    first = time.perf_counter() - start
-    train_times = _timed_steps(train, steps, max_foreign_cpu)
-    start = time.perf_counter()
-    evaluate()
-    eval_first = time.perf_counter() - start
-    eval_times = _timed_steps(evaluate, steps, max_foreign_cpu)
-    official = OFFICIAL[name]
-    official_s = official["per_task_s"] * tasks
-    median = train_times["median_s"]
+    Returns:
+      The record, keys as in the module docstring. Peak RSS is read here, so
+      call it after the timed steps.
+    """
+    tasks = CASES[name][3]
+    train, evaluation = timings["train"], timings["eval"]
+    median = train["median_s"]
     return dict(
+        code=code,
         case=name,
-        impl=impl,
-        jit_compile=jit_compile,
-        second_order=not first_order,
+        **details,
+        second_order=second_order,
         meta_batch=tasks,
-        trace_and_first_step_s=round(first, 3),
+        trace_and_first_step_s=round(timings["first_s"], 3),
         train_median_s=median,
-        train_min_s=train_times["min_s"],
-        train_cpu_median_s=train_times["cpu_median_s"],
+        train_min_s=train["min_s"],
+        train_cpu_median_s=train["cpu_median_s"],
         train_per_task_s=None if median is None else round(median / tasks, 4),
-        train_samples=train_times["samples"],
-        train_discarded=train_times["discarded"],
-        foreign_cpu_frac=train_times["foreign_cpu_frac"],
-        eval_trace_and_first_s=round(eval_first, 3),
-        eval_median_s=eval_times["median_s"],
+        train_samples=train["samples"],
+        train_discarded=train["discarded"],
+        foreign_cpu_frac=train["foreign_cpu_frac"],
+        eval_trace_and_first_s=round(timings["eval_first_s"], 3),
+        eval_median_s=evaluation["median_s"],
+        # ru_maxrss: psutil's memory_info() has the current RSS only, not the peak.
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        official_s=round(official_s, 3),
-        speedup_vs_official=None if median is None else round(official_s / median, 2),
-        target_train_s=round(official_s / TARGET_SPEEDUP, 3),
-        target_trace_s=TARGET_TRACE_S,
-        target_peak_rss_mb=official["peak_rss_mb"],
-        device=tf.config.list_logical_devices()[-1].device_type,
         cpu=_cpu_model(),
         cpus=os.cpu_count(),
-        tf=tf.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps: int,
+              first_order: bool, max_foreign_cpu: float) -> dict:
+    """Times one configuration of our code in this process and returns its record."""
+    # Imported here: official_step.py imports this module and must not load TF.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
+
+    n_way, _, _, _, image_shape, filters = CASES[name]
+    learner = MamlPlusPlus(
+        LearnerConfig(n_way=n_way, image_shape=image_shape, num_filters=filters,
+                      inner_steps=INNER_STEPS, eval_inner_steps=INNER_STEPS, task_impl=impl,
+                      jit_compile=jit_compile, second_order=not first_order,
+                      compute_dtype=None if compute_dtype == "float32" else compute_dtype))
+    trainer = Trainer(learner)
+    batch = tuple(tf.constant(array) for array in synthetic_batch(name))
+
+    def train():
+        trainer.train_step(batch, epoch=0)["loss"].numpy()
+
+    timings = time_case(train, lambda: trainer.eval_step(batch)["loss"].numpy(), steps,
+                        max_foreign_cpu)
+    record = make_record("mamlpp_tf", name, timings, not first_order, impl=impl,
+                         jit_compile=jit_compile, compute_dtype=compute_dtype,
+                         device=tf.config.list_logical_devices()[-1].device_type,
+                         tf=tf.__version__)
+    record.update(efficiency(trainer, batch, record, first_order))
+    if FLAGS.profile:
+        import op_profile  # pylint: disable=import-outside-toplevel
+        seconds = op_profile.op_seconds(train)
+        record.update({f"train_{kind}_op_s": round(value, 4)
+                       for kind, value in seconds.items()})
+    return record
+
+
+def efficiency(trainer, batch, record: dict, first_order: bool) -> dict:
+    """FLOPs of our traced steps, the measured peak, GFLOP/s and fraction of peak.
+
+    The FLOPs come from the traced graphs (`mamlpp_tf.flops.graph_flops`) and
+    must equal the analytic count from the shapes; a mismatch raises, so a
+    printed figure is always the cross-checked one.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from mamlpp_tf import flops  # pylint: disable=import-outside-toplevel
+
+    weights = tf.constant(np.full(INNER_STEPS, 1.0 / INNER_STEPS, np.float32))
+    traced = dict(
+        train=trainer.train_step_function(msl=True, second_order=not first_order)
+        .get_concrete_function(batch, weights),
+        eval=trainer.eval_step_function().get_concrete_function(batch))
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        run, flop = flops.peak_matmul(tf.as_dtype(dtype))
+        best = _timed_steps(run, 5, FLAGS.max_foreign_cpu)["min_s"]
+        peaks[dtype] = None if best is None else round(flop / best / 1e9, 1)
+    keys = dict(peak_gflops=peaks[record["compute_dtype"]],
+                peak_gflops_float32=peaks["float32"], peak_gflops_bfloat16=peaks["bfloat16"])
+    for step, function in traced.items():
+        counted = flops.graph_flops(function)
+        expected = case_flops(record["case"], training=step == "train",
+                              second_order=not first_order)
+        if counted != expected:
+            raise AssertionError(f"{step} FLOPs: traced graph {counted}, analytic {expected}")
+        keys[f"{step}_gflop"] = round(counted / 1e9, 3)
+        median = record[f"{step}_median_s"]
+        if median:
+            keys[f"{step}_gflops"] = round(counted / 1e9 / median, 1)
+            if keys["peak_gflops"]:
+                keys[f"{step}_fraction_of_peak"] = round(keys[f"{step}_gflops"] /
+                                                         keys["peak_gflops"], 3)
+    return keys
+
+
+def case_flops(name: str, training: bool, second_order: bool) -> int:
+    """Analytic FLOPs of one meta-iteration (or eval step) of case `name`, either code."""
+    from mamlpp_tf import flops  # pylint: disable=import-outside-toplevel
+
+    n_way, k_shot, n_query, tasks, image_shape, filters = CASES[name]
+    return flops.analytic_flops(n_way=n_way, k_shot=k_shot, n_query=n_query, tasks=tasks,
+                                image_shape=image_shape, filters=filters, stages=4,
+                                steps=INNER_STEPS, training=training,
+                                second_order=second_order)
 
 
 def _wait_idle(max_wait_s: float, busy_cores: float = 0.2) -> None:
@@ -208,90 +367,118 @@ def _wait_idle(max_wait_s: float, busy_cores: float = 0.2) -> None:
             return
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases",
-                        default=",".join(CASES),
-                        help="Comma-separated cases from: " + ", ".join(CASES))
-    parser.add_argument("--impl",
-                        default="loop,batched",
-                        help="Comma-separated task layouts: loop, batched, auto.")
-    parser.add_argument("--jit_compile",
-                        nargs="?",
-                        const="on",
-                        default="off",
-                        help="XLA: off, on, or off,on for both (bare flag: on).")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=10,
-        help="Timed meta-iterations (and evaluation steps) after the first.")
-    parser.add_argument("--first_order",
-                        action="store_true",
-                        help="First-order meta-gradients.")
-    parser.add_argument("--max_foreign_cpu",
-                        type=float,
-                        default=0.1,
-                        help="Discard a timed step when other processes used more CPU "
-                        "than this fraction of its wall time.")
-    parser.add_argument("--wait_idle",
-                        type=float,
-                        default=0.0,
-                        help="Seconds to wait at most for an idle machine before each "
-                        "configuration.")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        help="Seconds one configuration may take (reported as an error).")
-    parser.add_argument("--in_process",
-                        action="store_true",
-                        help="Run a single configuration here (used by the driver).")
-    args = parser.parse_args()
-    xla_settings = []
-    for value in args.jit_compile.split(","):
-        if value not in ("off", "on"):
-            parser.error(f"--jit_compile: {value!r} is not off or on.")
-        xla_settings.append(value == "on")
-    for name in args.cases.split(","):
-        if name not in CASES:
-            parser.error(f"--cases: unknown case {name!r}; choose from {list(CASES)}.")
-        for jit_compile in xla_settings:
-            for impl in args.impl.split(","):
-                if args.in_process:
-                    print(json.dumps(
-                        run_case(name, impl, args.steps, jit_compile, args.first_order,
-                                 args.max_foreign_cpu)),
-                          flush=True)
-                    continue
-                if args.wait_idle:
-                    _wait_idle(args.wait_idle)
-                command = [
-                    sys.executable, __file__, "--in_process", f"--cases={name}",
-                    f"--impl={impl}", f"--steps={args.steps}",
-                    f"--jit_compile={'on' if jit_compile else 'off'}",
-                    f"--max_foreign_cpu={args.max_foreign_cpu}"
-                ]
-                command += ["--first_order"] * args.first_order
-                record = dict(case=name, impl=impl, jit_compile=jit_compile)
-                try:
-                    result = subprocess.run(command,
-                                            capture_output=True,
-                                            text=True,
-                                            check=False,
-                                            timeout=args.timeout)
-                except subprocess.TimeoutExpired:
-                    print(json.dumps(
-                        dict(record, error=f"timeout after {args.timeout} s")),
-                          flush=True)
-                    continue
-                lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
-                if result.returncode or not lines:
-                    print(json.dumps(dict(record, error=result.stderr[-2000:])),
-                          flush=True)
-                else:
-                    print(lines[-1], flush=True)
+def _spawn(command: list[str], record: dict) -> dict:
+    """Runs one configuration's process; its JSON record, or `record` with an error."""
+    if FLAGS.wait_idle:
+        _wait_idle(FLAGS.wait_idle)
+    common = [f"--cases={record['case']}", f"--steps={FLAGS.steps}",
+              f"--max_foreign_cpu={FLAGS.max_foreign_cpu}",
+              f"--first_order={FLAGS.first_order}"]
+    try:
+        result = subprocess.run([sys.executable] + command + common, capture_output=True,
+                                text=True, check=False, timeout=FLAGS.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(record, error=f"timeout after {FLAGS.timeout} s")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        return dict(record, error=result.stderr[-2000:])
+    return json.loads(lines[-1])
+
+
+def _ratio(official: float | None, ours: float | None) -> float | None:
+    return None if official is None or not ours else round(official / ours, 2)
+
+
+def compare_with_official(ours: dict, official: dict) -> dict:
+    """The keys our record gains from the same round's official record.
+
+    Args:
+      ours: Our record (or an error record, whose speed-ups are then None).
+      official: The official record (or an error record).
+
+    Returns:
+      official_* figures, speed-ups (official median / ours) and, where an
+      official train figure exists, `target_speedup`.
+    """
+    official_train = official.get("train_median_s")
+    keys = dict(official_train_median_s=official_train,
+                official_eval_median_s=official.get("eval_median_s"),
+                official_peak_rss_mb=official.get("peak_rss_mb"),
+                speedup_vs_official=_ratio(official_train, ours.get("train_median_s")),
+                eval_speedup_vs_official=_ratio(official.get("eval_median_s"),
+                                                ours.get("eval_median_s")))
+    if official_train is not None:
+        keys["target_speedup"] = TARGET_SPEEDUP
+    return keys
+
+
+def official_efficiency(name: str, official: dict, records: list[dict]) -> dict:
+    """FLOP keys of an official line: the same algorithm's count over its medians.
+
+    The official code runs the same products as ours (second-order MAML++ at the
+    same shapes), so its FLOPs are the analytic count; its peak is the float32
+    peak that our processes of the same round measured.
+    """
+    peaks = [r["peak_gflops_float32"] for r in records if r.get("peak_gflops_float32")]
+    keys = dict(peak_gflops=peaks[0]) if peaks else {}
+    for step in ("train", "eval"):
+        gflop = case_flops(name, training=step == "train",
+                           second_order=not FLAGS.first_order) / 1e9
+        keys[f"{step}_gflop"] = round(gflop, 3)
+        median = official.get(f"{step}_median_s")
+        if median:
+            keys[f"{step}_gflops"] = round(gflop / median, 1)
+            if peaks:
+                keys[f"{step}_fraction_of_peak"] = round(keys[f"{step}_gflops"] / peaks[0], 3)
+    return keys
+
+
+def _run_round(name: str, round_index: int) -> list[dict]:
+    """Our configurations of case `name` and, with --official_repo, one official run."""
+    jobs = [("ours", impl, (jit == "on", dtype)) for dtype in FLAGS.compute_dtype
+            for jit in FLAGS.jit_compile for impl in FLAGS.impl]
+    if FLAGS.official_repo:
+        official_job = ("official", None, None)
+        jobs = [official_job] + jobs if round_index % 2 else jobs + [official_job]
+    records = []
+    for code, impl, setting in jobs:
+        if code == "official":
+            records.append(_spawn([_OFFICIAL_SCRIPT, f"--official_repo={FLAGS.official_repo}"],
+                                  dict(code="official", case=name)))
+        else:
+            jit, dtype = setting
+            records.append(_spawn([os.path.abspath(__file__), "--in_process", f"--impl={impl}",
+                                   f"--jit_compile={'on' if jit else 'off'}",
+                                   f"--compute_dtype={dtype}", f"--profile={FLAGS.profile}"],
+                                  dict(code="mamlpp_tf", case=name, impl=impl,
+                                       jit_compile=jit, compute_dtype=dtype)))
+    official = [r for r in records if r.get("code") == "official"]
+    for record in official:
+        record.update(official_efficiency(name, record, records))
+    for record in records:
+        if FLAGS.rounds > 1:
+            record["round"] = round_index
+        if official and record.get("code") != "official":
+            record.update(compare_with_official(record, official[0]))
+    return records
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for name in FLAGS.cases:
+        if FLAGS.in_process:
+            for dtype in FLAGS.compute_dtype:
+                for jit in FLAGS.jit_compile:
+                    for impl in FLAGS.impl:
+                        print(json.dumps(_run_ours(name, impl, jit == "on", dtype, FLAGS.steps,
+                                                   FLAGS.first_order, FLAGS.max_foreign_cpu)),
+                              flush=True)
+            continue
+        for round_index in range(FLAGS.rounds):
+            for record in _run_round(name, round_index):
+                print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

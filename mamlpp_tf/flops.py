@@ -13,14 +13,13 @@ norm, activations, pooling, the optimiser) is elementwise and memory-bound.
   pass; reverse mode then differentiates each of those once more.
 
 `benchmarks/meta_step.py` checks that the two agree, and divides them by the
-step's time and by `peak_gflops`, a large matmul timed in the same run.
+step's time and by the rate of `peak_matmul`, timed in the same process.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import tensorflow as tf
 
@@ -148,19 +147,22 @@ def analytic_flops(*, n_way: int, k_shot: int, n_query: int, tasks: int,
     return tasks * total
 
 
-def peak_gflops(dtype: tf.DType = tf.float32, size: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of a `size`² matmul in `dtype` on this process's devices.
+def peak_matmul(dtype: tf.DType = tf.float32, size: int = 2048) -> tuple[Callable[[], None], int]:
+    """A `size`² matmul in `dtype`, traced and warmed up, and its FLOPs.
 
-    The best of `repeats` timed calls after two warm-up calls: the machine's
-    attainable peak for dense products (oneDNN on CPU), which the step's
-    GFLOP/s are compared with.
+    Timing it gives the machine's attainable peak for dense products (oneDNN
+    on CPU), the yardstick of a step's GFLOP/s; the caller times it (best of
+    several calls on a quiet machine).
+
+    Returns:
+      `(run, flops)`: `run()` computes one product to completion.
     """
     a = tf.cast(tf.random.stateless_uniform([size, size], seed=[0, 1]), dtype)
     product = tf.function(lambda x: tf.reduce_sum(tf.linalg.matmul(x, x)[:1, :1]))
-    best = math.inf
-    for call in range(repeats + 2):
-        start = time.perf_counter()
+
+    def run() -> None:
         product(a).numpy()
-        if call >= 2:
-            best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+
+    run()
+    run()
+    return run, 2 * size**3

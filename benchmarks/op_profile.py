@@ -1,0 +1,75 @@
+"""Where a step's time goes: TensorFlow's profiler, summed by kind of op.
+
+One call of a step runs under `tf.profiler.experimental`; the trace's op
+events (XPlane, read with the protobuf that ships with TensorFlow) are summed
+into convolutions, matmuls and everything else (batch norm, activations,
+pooling, their gradients, copies). With the step's FLOPs, the convolutions'
+own GFLOP/s tell whether a case is bound by the products or by the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tempfile
+from typing import Callable
+
+import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=no-name-in-module
+
+CONVOLUTIONS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+MATMULS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+
+
+def _op_type(event_name: str) -> str | None:
+    """The op type of an op event (`"<op name>:<op type>"`), None for other events.
+
+    Spans that enclose ops, such as `ExecutorState::Process` or
+    `EagerLocalExecute: __inference_step_…`, are not op events.
+    """
+    if "::" in event_name or ": " in event_name or ":" not in event_name:
+        return None
+    return event_name.rsplit(":", 1)[1]
+
+
+def _kind(op_type: str) -> str:
+    base = op_type.removeprefix("_MklNative").removeprefix("_Mkl").removeprefix("_Fused")
+    if base in CONVOLUTIONS or base.startswith("Conv2D"):
+        return "convolution"
+    if base in MATMULS or base.startswith("MatMul"):
+        return "matmul"
+    return "other"
+
+
+def op_seconds(step: Callable[[], None]) -> dict[str, float]:
+    """Seconds of op execution by kind during one call of `step`.
+
+    Summed over the executor's threads, so with inter-op parallelism the
+    total may exceed the call's wall time; the shares are what matter.
+
+    Args:
+      step: Runs one (already traced and warmed-up) step to completion.
+
+    Returns:
+      `{"convolution": s, "matmul": s, "other": s}`.
+    """
+    seconds = collections.Counter({"convolution": 0.0, "matmul": 0.0, "other": 0.0})
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            step()
+        finally:
+            tf.profiler.experimental.stop()
+        for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
+            space = xplane_pb2.XSpace()
+            with open(path, "rb") as stream:
+                space.ParseFromString(stream.read())
+            for plane in space.planes:
+                names = {key: meta.name for key, meta in plane.event_metadata.items()}
+                for line in plane.lines:
+                    for event in line.events:
+                        op_type = _op_type(names.get(event.metadata_id, ""))
+                        if op_type is not None:
+                            seconds[_kind(op_type)] += event.duration_ps * 1e-12
+    return dict(seconds)
