@@ -29,12 +29,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-from PIL import Image  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import numpy as np
+from PIL import Image
 
-from mamlpp_tf import data  # pylint: disable=g-import-not-at-top
-from mamlpp_tf.data import mini_imagenet  # pylint: disable=g-import-not-at-top
-from mamlpp_tf.data import omniglot  # pylint: disable=g-import-not-at-top
+from mamlpp_tf import data
+from mamlpp_tf.data import mini_imagenet, omniglot
+
+# pylint: enable=g-import-not-at-top
 
 _DEFAULT_TFDS = pathlib.Path(
     __file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
@@ -135,6 +137,7 @@ def mini_imagenet_cases(batches: int,
 
 
 def main() -> None:
+    """Times episode sampling for each case and prints one JSON line per case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--omniglot_data_dir",

@@ -64,6 +64,7 @@ meta-iteration, with peak_rss_mb no higher than official_peak_rss_mb).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import datetime
 import json
 import os
@@ -73,10 +74,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 import psutil
 
@@ -270,7 +269,7 @@ def make_record(code: str, name: str, timings: dict, second_order: bool, **detai
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         cpu=_cpu_model(),
         cpus=os.cpu_count(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
 
 def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps: int,
@@ -278,6 +277,7 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
     """Times one configuration of our code in this process and returns its record."""
     # Imported here: official_step.py imports this module and must not load TF.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     # pylint: disable-next=import-outside-toplevel
     from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
 
@@ -316,6 +316,7 @@ def efficiency(trainer, batch, record: dict, first_order: bool) -> dict:
     printed figure is always the cross-checked one.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     from mamlpp_tf import flops  # pylint: disable=import-outside-toplevel
 
     weights = tf.constant(np.full(INNER_STEPS, 1.0 / INNER_STEPS, np.float32))
@@ -464,6 +465,7 @@ def _run_round(name: str, round_index: int) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
+    """Times each `--cases` meta-step (in subprocess rounds or in-process) as JSON lines."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for name in FLAGS.cases:

@@ -173,6 +173,7 @@ def run_official(name: str, repo: str, steps: int, first_order: bool,
 
 
 def main(argv: list[str]) -> None:
+    """Times the official PyTorch code on one `--cases` shape and prints its JSON record."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.official_repo:

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
+    """Trains and tests a short Omniglot run and prints its accuracy and times as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data", "tfds"),
                         help="Prepared TFDS data dir holding omniglot/3.0.0.")

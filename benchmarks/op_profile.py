@@ -10,10 +10,10 @@ own GFLOP/s tell whether a case is bound by the products or by the rest.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import glob
 import os
 import tempfile
-from typing import Callable
 
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=no-name-in-module

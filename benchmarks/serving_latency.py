@@ -38,6 +38,7 @@ table on stderr.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 import shutil
@@ -46,10 +47,9 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SHAPE = (28, 28, 1)
@@ -93,10 +93,10 @@ def build_models(work_dir: str, cases: list[str]) -> dict[str, str]:
     # The measuring processes must not import the package: imported here only.
     # pylint: disable=g-import-not-at-top
     import numpy as np
-    from export import saved_models
+
+    from export import saved_models, warmup
     from export.preprocessing import Preprocessing
-    from mamlpp_tf import experiment
-    from mamlpp_tf import runs
+    from mamlpp_tf import experiment, runs
     from mamlpp_tf.config import LearnerConfig, RunConfig
     # pylint: enable=g-import-not-at-top
 
@@ -124,7 +124,7 @@ def build_models(work_dir: str, cases: list[str]) -> dict[str, str]:
             paths[name] = saved_models.export_meta_model(model_dir, export_dir)
         else:
             support = os.path.join(work_dir, f"support_{n_way}way.npz")
-            _, images = saved_models.sample_images(Preprocessing.for_run(config), n_way)
+            _, images = warmup.sample_images(Preprocessing.for_run(config), n_way)
             np.savez(support, x=images, y=np.arange(n_way))
             paths[name] = saved_models.export_task_model(model_dir, support, export_dir)
     return paths
@@ -293,6 +293,7 @@ def table(lines: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """Measures serving latency per case, size and thread count and prints a table."""
     del argv
     if FLAGS.measure:
         print(json.dumps(measure(json.loads(FLAGS.measure))))

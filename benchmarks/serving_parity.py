@@ -26,8 +26,7 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
@@ -101,6 +100,7 @@ def table(lines: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """Trains one run per `--modes` entry and prints served vs protocol accuracy."""
     del argv
     unknown = sorted(set(FLAGS.modes) - set(MODES))
     if unknown:

@@ -22,9 +22,9 @@ server errors are reported in one `error:` line with exit status 2.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import json
 import sys
-from typing import Sequence
 
 from export import serving_requests
 

@@ -56,7 +56,7 @@ class Preprocessing:
                              f"{self.image_shape}")
 
     @classmethod
-    def for_run(cls, config: RunConfig) -> "Preprocessing":
+    def for_run(cls, config: RunConfig) -> Preprocessing:
         """The preprocessing the run's dataset used in training."""
         return cls(dataset_info(config.dataset).serving_kind, config.learner.image_shape)
 

@@ -23,7 +23,7 @@ TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
   Serving's request batching can merge concurrent requests; every task is
   adapted on its own.
 
-Every version holds TF Serving's warm-up file (`WARMUP_PATH`): requests of
+Every version holds TF Serving's warm-up file (`export.warmup`): requests of
 the model's real shapes for each signature, which the server replays when it
 loads the version, so that no client request pays a signature's first run.
 Writing it needs the protos of tensorflow-serving-api (`pip install --no-deps
@@ -41,37 +41,32 @@ folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import os
-from typing import Sequence
 import uuid
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from export import serving_requests
 from export.preprocessing import Preprocessing
 from export.support import load_support
-from mamlpp_tf import experiment
-from mamlpp_tf import files
-from mamlpp_tf import runs
-from mamlpp_tf import task_model
+from export.warmup import (
+    TASK_WARMUP_BATCH_SIZES,
+    WARMUP_PATH,
+    WarmupRequest,
+    meta_warmup,
+    task_warmup,
+    write_warmup,
+)
+from mamlpp_tf import experiment, files, runs, task_model
 from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 
 # Written beside the SavedModel; TF Serving ignores assets.extra/ except warm-up files.
 INFO_PATH = os.path.join("assets.extra", "export_info.json")
-# TF Serving's warm-up file, replayed when it loads a version; it refuses more records.
-WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_WARMUP_RECORDS = 1000
-# Batch sizes of the task model's warm-up requests: the allowed_batch_sizes of
-# export/serving/batching_parameters.txt, i.e. every batch TF Serving forms with
-# it (each new batch size pays its first run on CPU too; see benchmarks/README.md).
-TASK_WARMUP_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-# A warm-up request: (signature name, inputs by name).
-WarmupRequest = tuple[str, serving_requests.Inputs]
 
 
 def restore_learner(model_dir: str,
@@ -247,91 +242,6 @@ def meta_archive(learner: MamlPlusPlus,
                          predict_encoded,
                          input_signature=[encoded[0], labels, encoded[1]])
     return archive
-
-
-def sample_images(preprocessing: Preprocessing, count: int,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`count` PNG images of the model's size, and the float images the graph makes.
-
-    Random pixels: warm-up requests need the shapes and code paths of real
-    requests, not their content.
-
-    Returns:
-      `(png_bytes object [count], images float32 [count, H, W, C])`, the
-      second being `preprocessing.decode` of the first.
-    """
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (count, *preprocessing.image_shape), dtype=np.uint8)
-    encoded = np.empty(count, dtype=object)
-    for i, image in enumerate(pixels):
-        encoded[i] = tf.io.encode_png(image).numpy()
-    images = np.stack(
-        [preprocessing.decode(tf.constant(png)).numpy() for png in encoded])
-    return encoded, images
-
-
-def task_warmup(preprocessing: Preprocessing,
-                batch_sizes: tuple[int, ...]) -> list[WarmupRequest]:
-    """Warm-up requests of the task model: both signatures at each of `batch_sizes`."""
-    encoded, images = sample_images(preprocessing, max(batch_sizes))
-    requests = []
-    for size in batch_sizes:
-        requests += [("serving_default", {"images": images[:size]}),
-                     ("predict_encoded", {"image_bytes": encoded[:size]})]
-    return requests
-
-
-def meta_warmup(preprocessing: Preprocessing, n_way: int, k_shot: int,
-                n_query: int) -> list[WarmupRequest]:
-    """Warm-up requests of the meta-model: one N-way K-shot task per signature.
-
-    `N·n_query` queries, the run's episode shape, in one task (as
-    `export.client` sends). More tasks need no record of their own: a task's
-    computation has the same shapes whatever the request's task count.
-    """
-    support, queries = n_way * k_shot, n_way * n_query
-    encoded, images = sample_images(preprocessing, support + queries)
-    labels = np.repeat(np.arange(n_way, dtype=np.int32), k_shot)[None]
-    return [
-        ("serving_default",
-         dict(support_images=images[None, :support],
-              support_labels=labels,
-              query_images=images[None, support:])),
-        ("predict_encoded",
-         dict(support_image_bytes=encoded[None, :support],
-              support_labels=labels,
-              query_image_bytes=encoded[None, support:])),
-    ]
-
-
-def write_warmup(path: str, model_name: str, requests: Sequence[WarmupRequest]) -> None:
-    """Writes `requests` as TF Serving's warm-up file (`WARMUP_PATH` of a version).
-
-    A TFRecord of `tensorflow.serving.PredictionLog`s, each holding a
-    PredictRequest; TF Serving replays them when it loads the version, before
-    it serves, so no client request pays the first run of a signature.
-
-    Args:
-      path: File to write.
-      model_name: `model_spec.name` of the requests (TF Serving replays them
-        on the model being loaded, whatever its name).
-      requests: `(signature name, inputs)` pairs.
-
-    Raises:
-      ValueError: no request, or more than TF Serving accepts.
-      ImportError: tensorflow-serving-api is not installed.
-    """
-    if not 1 <= len(requests) <= MAX_WARMUP_RECORDS:
-        raise ValueError(f"{len(requests)} warm-up requests: TF Serving takes 1 to "
-                         f"{MAX_WARMUP_RECORDS}")
-    prediction_log = serving_requests.serving_api("prediction_log_pb2",
-                                                  "TF Serving warm-up records")
-    with tf.io.TFRecordWriter(path) as writer:
-        for signature, inputs in requests:
-            record = prediction_log.PredictionLog()
-            record.predict_log.request.CopyFrom(
-                serving_requests.grpc_request(model_name, signature, inputs))
-            writer.write(record.SerializeToString())
 
 
 def next_version(export_dir: str) -> int:

@@ -25,12 +25,13 @@ tensorflow-cpu); the gRPC functions import them when called.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping, Sequence
 import importlib
 import json
 import logging
 import os
 import types
-from typing import Any, Mapping, Sequence
+from typing import Any
 import urllib.error
 import urllib.request
 

@@ -24,8 +24,10 @@ import re
 import numpy as np
 
 from export.preprocessing import Preprocessing
+
 # Folder reading lives with the light client, which must not import TensorFlow.
 from export.serving_requests import class_folders
+
 # TensorFlow wraps an eager op's error as "{{function_node __wrapped__Op_device_…}}
 # <reason> [Op:Op] name: "; only <reason> helps whoever supplied the file.
 _TF_OP_WRAPPING = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](\s*name:.*)?$")

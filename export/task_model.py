@@ -16,8 +16,7 @@ from __future__ import annotations
 from absl import flags
 
 from export import saved_models
-from mamlpp_tf import cli
-from mamlpp_tf import task_model
+from mamlpp_tf import cli, task_model
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string(

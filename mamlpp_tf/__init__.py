@@ -6,12 +6,12 @@ layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`, and the
 schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
 """
 
+from collections.abc import Iterator
 import contextlib
 import io
 import os
 import sys
 import tempfile
-from typing import Iterator
 
 # TensorFlow's C++ INFO lines (CPU features) are noise for our users; an
 # explicit TF_CPP_MIN_LOG_LEVEL in the environment still wins.

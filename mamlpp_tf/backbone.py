@@ -18,8 +18,9 @@ Two forward passes compute the same function:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -78,8 +79,8 @@ class VGGBackbone(keras.layers.Layer):
     """Conv(3×3, bias) → per-step BN → LeakyReLU(0.01) → max-pool, repeated; then dense.
 
     As the official `VGGReLUNormNetwork`: `num_stages` stages of `num_filters`
-    3×3 convolutions (stride 1, padding 1, with bias), batch norm, leaky ReLU with slope 0.01 and 2×2/2
-    max pooling; flatten; a dense layer to `n_way` logits. Kernels are
+    3×3 convolutions (stride 1, padding 1, with bias), batch norm, leaky ReLU
+    with slope 0.01 and 2×2/2 max pooling; flatten; a dense layer to `n_way` logits. Kernels are
     Glorot-uniform, biases zero. With `max_pooling=False` it is the
     strided-convolution variant of the paper's stability figure: stride-2
     convolutions, no pooling, and a global average pool before the head.
@@ -92,7 +93,7 @@ class VGGBackbone(keras.layers.Layer):
       max_pooling: Max-pool after each stage (True) or strided convolutions.
       num_steps: Inner steps `S`, i.e. rows of the per-step batch norm.
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
-      bn_policy: One of `layers.BN_POLICIES`; see `PerStepBatchNorm`.
+      bn_stats: One of `layers.BN_STATS_MODES`; see `PerStepBatchNorm`.
       pool_impl: `"max_pool"` or `"reshape"` (XLA-safe second derivative).
       context_size: For an exported task model under `"tasknorm"`: the support
         size its stored context moments come from (see `PerStepBatchNorm`).
@@ -115,7 +116,7 @@ class VGGBackbone(keras.layers.Layer):
                  max_pooling: bool = True,
                  num_steps: int = 5,
                  per_step_bn: bool = True,
-                 bn_policy: str = "batch",
+                 bn_stats: str = "batch",
                  pool_impl: str = "max_pool",
                  context_size: int | None = None,
                  **kwargs):
@@ -135,12 +136,12 @@ class VGGBackbone(keras.layers.Layer):
         self.max_pooling = bool(max_pooling)
         self.num_steps = int(num_steps)
         self.per_step_bn = bool(per_step_bn)
-        self.bn_policy = bn_policy
+        self.bn_stats = bn_stats
         self.pool_impl = pool_impl
         self.context_size = context_size
         self.feature_shape = self._feature_shape()
         self.norms = [
-            PerStepBatchNorm(num_steps, per_step=per_step_bn, policy=bn_policy,
+            PerStepBatchNorm(num_steps, per_step=per_step_bn, bn_stats=bn_stats,
                              context_size=context_size, name=f"norm{i}",
                              dtype=self.dtype_policy.variable_dtype)
             for i in range(self.num_stages)
@@ -174,6 +175,7 @@ class VGGBackbone(keras.layers.Layer):
         return names + ["dense/kernel", "dense/bias"]
 
     def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates the kernels, biases and batch-norm layers (input shape from `image_shape`)."""
         if self.built:
             return
         channels = self.image_shape[-1]
@@ -225,7 +227,7 @@ class VGGBackbone(keras.layers.Layer):
 
         With stride 1 that padding is TF's `SAME`, whose gradients run on
         oneDNN on CPU instead of the Eigen kernels that explicit padding
-        selects: faster per meta-iteration (benchmarks/README.md). Stride 2
+        selects: faster per meta-iteration (timings in benchmarks/README.md). Stride 2
         needs explicit padding (`SAME` would pad only after).
         """
         if self.max_pooling:
@@ -246,7 +248,7 @@ class VGGBackbone(keras.layers.Layer):
           x: Images `[B, H, W, C]`.
           params: Fast weights by name (see `param_names`).
           step: Inner step selecting the per-step batch-norm row.
-          training: Meta-training pass (matters for the `running` BN policy).
+          training: Meta-training pass (matters for `bn_stats="running"`).
           context: The first `context` images are the context set: every batch
             norm takes its statistics from them alone (see `PerStepBatchNorm`).
             None: from all images.
@@ -287,8 +289,8 @@ class VGGBackbone(keras.layers.Layer):
         task normalised with its own statistics, axes 1–3), activation and
         pooling (tasks folded into the batch) run once for all tasks, and the
         head is one batched matmul. The traced graph therefore grows with `T`
-        only by the convolutions, and traces several times faster than a loop
-        over `forward` (benchmarks/README.md).
+        only by the convolutions, and traces faster than a loop over
+        `forward` (timings in benchmarks/README.md).
 
         Pooling comes before the activation here: leaky ReLU is increasing, so
         max-pooling commutes with it exactly (values and gradients), and the
@@ -331,12 +333,12 @@ class VGGBackbone(keras.layers.Layer):
     def _task_conv(self, x: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
         """Each task's activations convolved with its own kernel, one `conv2d` per task.
 
-        The fastest exact layout measured on CPU (benchmarks/README.md). A
-        grouped convolution (tasks stacked on channels) has no CPU gradient
-        kernel with explicit padding or in float64, and ran about 1.5× slower
-        than this on oneDNN in float32; im2col with one batched matmul (about
-        3×), shifted batched matmuls (about 10×) and XLA's grouped convolution
-        (about 30× per layer) were slower still. `unstack`, not `x[t]`: the
+        The fastest exact layout measured on CPU (timings of every candidate in
+        benchmarks/README.md). A grouped convolution (tasks stacked on
+        channels) has no CPU gradient kernel with explicit padding or in
+        float64, and was slower than this on oneDNN in float32; im2col with one
+        batched matmul, shifted batched matmuls and XLA's grouped convolution
+        were slower still. `unstack`, not `x[t]`: the
         gradient of `x[t]` is a zero-padded copy of the whole of `x` per task.
 
         Args:
@@ -350,11 +352,12 @@ class VGGBackbone(keras.layers.Layer):
             [self._conv(*task) for task in zip(tf.unstack(x), tf.unstack(kernels))])
 
     def get_config(self) -> dict:
+        """The constructor arguments, for Keras serialization."""
         config = super().get_config()
         config.update(n_way=self.n_way, image_shape=self.image_shape,
                       num_filters=self.num_filters, num_stages=self.num_stages,
                       max_pooling=self.max_pooling, num_steps=self.num_steps,
-                      per_step_bn=self.per_step_bn, bn_policy=self.bn_policy,
+                      per_step_bn=self.per_step_bn, bn_stats=self.bn_stats,
                       pool_impl=self.pool_impl, context_size=self.context_size)
         return config
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging as std_logging
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import NoReturn
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import tensorflow as tf
 
 
@@ -22,7 +21,7 @@ def quiet_tensorflow_logs() -> None:
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """absl `flags_parser` that reports a bad flag in one line (no usage dump), exit 2."""
+    """The absl `flags_parser`: reports a bad flag in one line (no usage dump), exit 2."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:

@@ -10,12 +10,13 @@ validation classes) come from `mamlpp_tf.data.registry`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mamlpp_tf.data import omniglot
 from mamlpp_tf.data.registry import DATASETS, dataset_info
-from mamlpp_tf.layers import BN_POLICIES
+from mamlpp_tf.layers import BN_STATS_MODES
 
 TASK_IMPLS = ("loop", "batched", "auto")
 # None: everything in the variable dtype.
@@ -148,7 +149,7 @@ class LearnerConfig:
         "per-step running statistics at evaluation (the paper's stated intent); support: "
         "every pass normalised with the support set's statistics (MetaBN); tasknorm: the "
         "support set's blended with each image's own (TaskNorm-I). support and tasknorm "
-        "train the model the way it is served, one image at a time.", choices=BN_POLICIES)
+        "train the model the way it is served, one image at a time.", choices=BN_STATS_MODES)
     msl_epochs: int = option(10, "Epochs of multi-step-loss annealing; 0 = off.", lower=0)
     second_order: bool = option(True, "Second-order meta-gradients.")
     first_order_epochs: int = option(
@@ -287,7 +288,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunConfig":
+    def from_dict(cls, values: dict) -> RunConfig:
         """Inverse of `to_dict`; unknown keys raise `TypeError` naming them."""
         values = dict(values)
         learner = LearnerConfig(**values.pop("learner"))

@@ -16,24 +16,19 @@ part in every save.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import os
 import platform
 import signal
 import time
-from typing import Callable
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import data
-from mamlpp_tf import distribute
-from mamlpp_tf import evaluation
-from mamlpp_tf import experiment
-from mamlpp_tf import runs
-from mamlpp_tf import schedules
+from mamlpp_tf import data, distribute, evaluation, experiment, runs, schedules
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 from mamlpp_tf.trainer import Trainer

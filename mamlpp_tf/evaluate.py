@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mamlpp_tf import cli
-from mamlpp_tf import evaluation
+from mamlpp_tf import cli, evaluation
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string("data_dir", None, "Override the run's --data_dir (e.g. on another "

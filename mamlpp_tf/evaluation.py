@@ -17,19 +17,14 @@ one computation and agree exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import dataclasses
 import os
-from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import data
-from mamlpp_tf import distribute
-from mamlpp_tf import experiment
-from mamlpp_tf import files
-from mamlpp_tf import runs
-from mamlpp_tf import task_model
+from mamlpp_tf import data, distribute, experiment, files, runs, task_model
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.trainer import Trainer
 
@@ -219,7 +214,7 @@ def format_results(results: dict) -> str:
     """A small text table of the test results."""
     test = results["test"]
     ensemble_name = f"top-{len(test['ensemble_epochs'])} ensemble"
-    rows = [("best single model (epoch %d)" % test["best_epoch"], test["accuracy"],
+    rows = [(f"best single model (epoch {test['best_epoch']:d})", test["accuracy"],
              test["ci95"], f"{test['per_sample_std']:>12.4f}"),
             (ensemble_name, test["ensemble_accuracy"], test["ensemble_ci95"],
              f"{test['ensemble_per_sample_std']:>12.4f}")]

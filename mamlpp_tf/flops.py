@@ -18,8 +18,8 @@ step's time and by the rate of `peak_matmul`, timed in the same process.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 import math
-from typing import Callable, Iterable, Sequence
 
 import tensorflow as tf
 
@@ -118,10 +118,13 @@ def analytic_flops(*, n_way: int, k_shot: int, n_query: int, tasks: int,
     * first order: only the query passes are differentiated.
 
     Args:
-      n_way, k_shot, n_query: Episode shape (`n_query` images per class).
+      n_way: Classes per task.
+      k_shot: Support images per class.
+      n_query: Query images per class.
       tasks: Tasks per meta-batch.
       image_shape: `(H, W, C)`.
-      filters, stages: The backbone's width and depth.
+      filters: The backbone's width (filters per convolution).
+      stages: The backbone's depth (convolution stages).
       steps: Inner steps.
       training: A meta-training step (outer gradient) or an evaluation step
         (inner loop and the final query pass only).

@@ -11,7 +11,7 @@ active, else the final-step query loss. Second order keeps the inner gradients
 in the graph of the outer tape; first order treats them as constants.
 
 Batch norm follows `config.bn_stats` (see `PerStepBatchNorm`). Under the
-non-transductive policies `support` and `tasknorm`, every query pass carries
+non-transductive `bn_stats` modes `support` and `tasknorm`, every query pass carries
 the task's support set as the context of its batch norms, so training,
 evaluation and the exported models normalise a query with the support set's
 statistics alone: its prediction never depends on the other queries.
@@ -23,25 +23,24 @@ Two task layouts compute the same numbers: `loop` runs tasks one after another
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import keras
 import tensorflow as tf
 
 from mamlpp_tf.backbone import BatchMoments, VGGBackbone
 from mamlpp_tf.config import LearnerConfig
-from mamlpp_tf.layers import CONTEXT_POLICIES, PerStepLearningRates
+from mamlpp_tf.layers import CONTEXT_BN_STATS, PerStepLearningRates
 
 Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
 PassRecord = tuple[int, list[BatchMoments]]
 
 # Query images per task up to which `auto` batches tasks. Per second-order
-# meta-iteration on a 2-core CPU (benchmarks/README.md), batching was 18% faster
-# than the per-task loop with 5 queries per task (Omniglot 5-way) and 4% faster
-# with 20 (20-way); the loop was 7% faster with 75 (mini-ImageNet). Batching
-# always traced 1.4-4.6x faster and peaked lower in memory; pass
-# task_impl="batched" where that matters more than step time.
+# meta-iteration on CPU, batching beat the per-task loop with 5 and 20 queries
+# per task (Omniglot 5-/20-way) and lost with 75 (mini-ImageNet); the figures
+# are in benchmarks/README.md. Batching always traced faster and peaked lower
+# in memory; pass task_impl="batched" where that matters more than step time.
 _AUTO_BATCHED_MAX_QUERY = 40
 
 
@@ -80,7 +79,7 @@ class InnerLoop:
             n_way=config.n_way, image_shape=config.image_shape,
             num_filters=config.num_filters, num_stages=config.num_stages,
             max_pooling=config.max_pooling, num_steps=config.inner_steps,
-            per_step_bn=config.per_step_bn, bn_policy=config.bn_stats,
+            per_step_bn=config.per_step_bn, bn_stats=config.bn_stats,
             pool_impl="reshape" if config.jit_compile else "max_pool",
             dtype=config.dtype_policy, name="backbone")
         self.lslr = PerStepLearningRates(
@@ -107,7 +106,7 @@ class InnerLoop:
         Args:
           batch: A meta-batch (see module docstring).
           num_steps: Inner steps.
-          training: Meta-training passes (batch-norm policy, moments).
+          training: Meta-training passes (`bn_stats="running"`, moments).
           second_order: Keep the inner gradients differentiable.
           msl_weights: `[num_steps]` per-step query-loss weights, or None for
             the final-step loss only.
@@ -135,10 +134,10 @@ class InnerLoop:
         logits = tf.stack([r[1] for r in results])
         records = [
             (step, [
-                BatchMoments(tf.reduce_mean(tf.stack([r[2][p][1][l].mean for r in results]), 0),
+                BatchMoments(tf.reduce_mean(tf.stack([r[2][p][1][k].mean for r in results]), 0),
                              tf.reduce_mean(
-                                 tf.stack([r[2][p][1][l].variance for r in results]), 0),
-                             moments[l].count) for l in range(len(moments))
+                                 tf.stack([r[2][p][1][k].variance for r in results]), 0),
+                             moments[k].count) for k in range(len(moments))
             ]) for p, (step, moments) in enumerate(results[0][2])
         ]
         return losses, logits, records
@@ -181,16 +180,16 @@ class InnerLoop:
     def _query_pass(self, forward: Callable, support_x: tf.Tensor, query_x: tf.Tensor,
                     params: dict[str, tf.Tensor], step: int, training: bool, *,
                     batch_axis: int) -> tuple[tf.Tensor, list[BatchMoments]]:
-        """Query logits at inner step `step` under `params`, normalised as the policy says.
+        """Query logits at inner step `step` under `params`, normalised as `bn_stats` says.
 
-        Under the context policies (`support`, `tasknorm`) the support set
+        Under the context modes (`support`, `tasknorm`) the support set
         travels with the queries as the context of every batch norm: the
         statistics are those of the support images through the same weights
         and the same batch-norm row as the queries (one extra support forward
         per query pass), and no query influences another. The moments
         returned are then the support set's.
         """
-        if self.config.bn_stats not in CONTEXT_POLICIES:
+        if self.config.bn_stats not in CONTEXT_BN_STATS:
             return forward(query_x, params, step, training)
         support = support_x.shape[batch_axis]
         if support is None:

@@ -8,15 +8,16 @@ gradients; the layers only contribute their own meta-parameters.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
-BN_POLICIES = ("batch", "running", "support", "tasknorm")
-# Policies whose statistics come from the support set (plus, for TaskNorm, the
-# image itself), so that a query's answer never depends on the other queries.
-CONTEXT_POLICIES = ("support", "tasknorm")
+BN_STATS_MODES = ("batch", "running", "support", "tasknorm")
+# `bn_stats` modes whose statistics come from the support set (plus, for
+# TaskNorm, the image itself), so that a query's answer never depends on the
+# other queries.
+CONTEXT_BN_STATS = ("support", "tasknorm")
 
 
 def batch_moments(x: tf.Tensor, axes: Sequence[int]
@@ -66,9 +67,9 @@ class PerStepBatchNorm(keras.layers.Layer):
     A pass may name its first `context` images (along the batch axis) as the
     context set: the batch statistics are then computed from those images
     alone and applied to every image of the pass. The learner passes a task's
-    support set as the context of its query passes under the context policies.
+    support set as the context of its query passes under the context modes.
 
-    Normalisation policy (`policy`):
+    Normalisation statistics (`bn_stats`):
     * `"batch"` — what the official PyTorch code really does: every pass,
       support and query, training and evaluation, is normalised with the
       statistics of its own batch (transductive over the query set).
@@ -107,7 +108,7 @@ class PerStepBatchNorm(keras.layers.Layer):
     Args:
         num_steps: Number of inner steps `S` (rows of the per-step variables).
         per_step: Per-step variables (MAML++) or one shared set (MAML).
-        policy: One of `BN_POLICIES` (see above).
+        bn_stats: One of `BN_STATS_MODES` (see above).
         momentum: PyTorch-style running-statistics momentum.
         epsilon: Added to the variance before the square root.
         context_size: For a served task's `"tasknorm"` layer: the support size
@@ -115,15 +116,15 @@ class PerStepBatchNorm(keras.layers.Layer):
         **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Raises:
-        ValueError: on a non-positive `num_steps`, an unknown `policy`,
-            `policy="running"` with `per_step=False`, or `context_size` without
-            `policy="tasknorm"` and `per_step`.
+        ValueError: on a non-positive `num_steps`, an unknown `bn_stats`,
+            `bn_stats="running"` with `per_step=False`, or `context_size` without
+            `bn_stats="tasknorm"` and `per_step`.
     """
 
     def __init__(self,
                  num_steps: int,
                  per_step: bool = True,
-                 policy: str = "batch",
+                 bn_stats: str = "batch",
                  momentum: float = 0.1,
                  epsilon: float = 1e-5,
                  context_size: int | None = None,
@@ -131,24 +132,25 @@ class PerStepBatchNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-        if policy not in BN_POLICIES:
-            raise ValueError(f"policy must be one of {BN_POLICIES}, got {policy!r}.")
-        if policy == "running" and not per_step:
-            raise ValueError("policy='running' needs per_step=True: the shared "
+        if bn_stats not in BN_STATS_MODES:
+            raise ValueError(f"bn_stats must be one of {BN_STATS_MODES}, got {bn_stats!r}.")
+        if bn_stats == "running" and not per_step:
+            raise ValueError("bn_stats='running' needs per_step=True: the shared "
                              "(plain MAML) batch norm keeps no running statistics.")
-        if context_size is not None and (policy != "tasknorm" or not per_step or
+        if context_size is not None and (bn_stats != "tasknorm" or not per_step or
                                          context_size < 1):
             raise ValueError("context_size (stored context moments) needs "
-                             "policy='tasknorm', per_step=True and a positive size; got "
-                             f"{context_size} with policy={policy!r}, per_step={per_step}.")
+                             "bn_stats='tasknorm', per_step=True and a positive size; got "
+                             f"{context_size} with bn_stats={bn_stats!r}, per_step={per_step}.")
         self.num_steps = int(num_steps)
         self.per_step = bool(per_step)
-        self.policy = policy
+        self.bn_stats = bn_stats
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.context_size = None if context_size is None else int(context_size)
 
     def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates gamma/beta, TaskNorm's `a`, `b` and the per-step running statistics."""
         channels = int(input_shape[-1])
         shape = (self.num_steps, channels) if self.per_step else (channels,)
         self.gamma = self.add_weight(name="gamma",
@@ -159,7 +161,7 @@ class PerStepBatchNorm(keras.layers.Layer):
                                     shape=shape,
                                     initializer="zeros",
                                     trainable=True)
-        if self.policy == "tasknorm":
+        if self.bn_stats == "tasknorm":
             rows = (self.num_steps,) if self.per_step else ()
             # α = sigmoid(a·n + b): 0.5 at initialisation, as in the reference code.
             self.alpha_scale = self.add_weight(name="alpha_scale", shape=rows,
@@ -198,13 +200,13 @@ class PerStepBatchNorm(keras.layers.Layer):
              training: bool | None = None,
              axes: Sequence[int] | None = None,
              context: int | tf.Tensor | None = None) -> tf.Tensor:
-        """Normalises `x` with the statistics the policy prescribes.
+        """Normalises `x` with the statistics `bn_stats` prescribes.
 
         Args:
             x: Activations `[..., C]`.
             step: Inner step (Python int) selecting the per-step row.
             training: Whether this is a meta-training pass. Only the `"running"`
-                policy and stored-context `"tasknorm"` layers look at it.
+                mode and stored-context `"tasknorm"` layers look at it.
             axes: Axes holding one batch, the batch axis first. Defaults to all
                 but the last; a task-batched caller passes e.g. `(1, 2, 3)` so
                 each task keeps its own statistics.
@@ -247,15 +249,15 @@ class PerStepBatchNorm(keras.layers.Layer):
         sample = x if context is None else leading_rows(x, axes[0], context)
         mean, variance, centred = batch_moments(sample, axes)
         moments = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
-        stored = not training and (self.policy == "running" or self.context_size is not None)
+        stored = not training and (self.bn_stats == "running" or self.context_size is not None)
         if stored:
             mean = self._row(self.running_mean, step)
             variance = self._row(self.running_var, step)
-        if self.policy == "tasknorm":
+        if self.bn_stats == "tasknorm":
             size = self.context_size if stored else _size(sample, axes[0])
             mean, variance = self._blend(x, axes[1:], self.alpha(step, size), mean,
                                          variance)
-        if context is not None or stored or self.policy == "tasknorm":
+        if context is not None or stored or self.bn_stats == "tasknorm":
             centred = x - mean
         # Scale and gamma meet at the statistics' size before touching `x`.
         normalised = centred * (tf.math.rsqrt(variance + self.epsilon) * gamma) + beta
@@ -297,10 +299,11 @@ class PerStepBatchNorm(keras.layers.Layer):
                             (tf.stop_gradient(value)[None] - current))
 
     def get_config(self) -> dict:
+        """The constructor arguments, for Keras serialization."""
         config = super().get_config()
         config.update(num_steps=self.num_steps,
                       per_step=self.per_step,
-                      policy=self.policy,
+                      bn_stats=self.bn_stats,
                       momentum=self.momentum,
                       epsilon=self.epsilon,
                       context_size=self.context_size)
@@ -383,6 +386,7 @@ class PerStepLearningRates(keras.layers.Layer):
         }
 
     def get_config(self) -> dict:
+        """The constructor arguments, for Keras serialization."""
         config = super().get_config()
         config.update(param_names=self.param_names,
                       num_steps=self.num_steps,

@@ -11,17 +11,16 @@ non-finite updates and applies the outer optimiser.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import batch_checks
-from mamlpp_tf import inner_loop
-from mamlpp_tf import schedules
+from mamlpp_tf import batch_checks, inner_loop, schedules
 from mamlpp_tf.inner_loop import Batch, InnerLoop, PassRecord
-from mamlpp_tf.layers import CONTEXT_POLICIES
+from mamlpp_tf.layers import CONTEXT_BN_STATS
 
 
 class ReplicaGradients(NamedTuple):
@@ -276,12 +275,12 @@ class MamlPlusPlus(InnerLoop):
           Logits `[B, n_way]`.
 
         Raises:
-          ValueError: if the policy needs `support_x` and it is missing, images
+          ValueError: if `bn_stats` needs `support_x` and it is missing, images
             that do not fit the learner, or `num_steps` outside `[1, inner_steps]`.
         """
         num_steps = batch_checks.checked_steps(self.config, num_steps)
         batch_checks.check_images(self.config, "images", images, "B")
-        if self.config.bn_stats in CONTEXT_POLICIES:
+        if self.config.bn_stats in CONTEXT_BN_STATS:
             if support_x is None:
                 raise ValueError(f"bn_stats={self.config.bn_stats!r} normalises with the "
                                  "support set's statistics: pass support_x to predict")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mamlpp_tf import cli
-from mamlpp_tf import reporting
+from mamlpp_tf import cli, reporting
 
 flags.DEFINE_multi_string(
     "model_dir", None, "Run directory written by mamlpp_tf.train; "

@@ -14,8 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import runs
-from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf import runs, tensorboard_scalars
 from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import RunConfig
 
@@ -73,6 +72,7 @@ class Run:
 
     @property
     def total_iterations(self) -> int:
+        """Meta-iterations the run was configured for (epochs × iterations per epoch)."""
         learner = self.config.learner
         return learner.epochs * learner.iterations_per_epoch
 
@@ -156,7 +156,7 @@ def _describe_network(config: RunConfig) -> VGGBackbone:
                        max_pooling=learner.max_pooling,
                        num_steps=learner.inner_steps,
                        per_step_bn=learner.per_step_bn,
-                       bn_policy=learner.bn_stats,
+                       bn_stats=learner.bn_stats,
                        dtype=learner.dtype,
                        name="backbone")
 

@@ -8,7 +8,7 @@ read them back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 from matplotlib import colors

@@ -8,16 +8,14 @@ and the markdown that shows them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import io
 import os
 import re
-from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from mamlpp_tf import files
-from mamlpp_tf import report_data
-from mamlpp_tf import report_figures
+from mamlpp_tf import files, report_data, report_figures
 from mamlpp_tf.report_data import Run
 
 REPORT_NAME = "report.md"

@@ -159,6 +159,7 @@ class RunDir:
         return files.read_json(self.history_path)
 
     def write_history(self, history: list[dict]) -> None:
+        """Replaces the validation history with `history` (all finished epochs)."""
         files.write_json(self.history_path, history)
 
     def read_results(self) -> dict | None:
@@ -168,6 +169,7 @@ class RunDir:
         return files.read_json(self.results_path)
 
     def write_results(self, results: dict) -> None:
+        """Writes the final results, marking the run finished."""
         files.write_json(self.results_path, results)
 
     # ------------------------------------------------------------ checkpoints
@@ -185,6 +187,7 @@ class RunDir:
         return tf.train.CheckpointManager(checkpoint, self.latest_dir, max_to_keep=2)
 
     def epoch_path(self, epoch: int) -> str:
+        """Checkpoint prefix of the model kept after `epoch`."""
         return os.path.join(self.checkpoint_dir, f"epoch_{epoch:03d}")
 
     def save_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
@@ -271,7 +274,7 @@ class RunLock:
         self.path = os.path.join(model_dir, "lock")
         self._stream = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if not files.is_local(self.model_dir):
             logging.warning(
                 "--model_dir=%s is not on the local filesystem: running without the run "

@@ -71,9 +71,9 @@ def use_second_order(epoch: int, second_order: bool, first_order_epochs: int) ->
 
 def cosine_meta_lr(epoch: int | float, meta_lr: float, min_meta_lr: float,
                    total_epochs: int) -> float:
-    """Cosine-annealed meta learning rate of epoch `epoch` (paper §4, CA; the official code steps
-    PyTorch's `CosineAnnealingLR` once per epoch).
+    """Cosine-annealed meta learning rate of epoch `epoch` (paper §4, CA).
 
+    The official code steps PyTorch's `CosineAnnealingLR` once per epoch.
     `lr(e) = min + (max - min) · (1 + cos(π e / T)) / 2`, PyTorch's
     `CosineAnnealingLR` in closed form with `T_max = total_epochs`.
     """
@@ -108,12 +108,14 @@ class CosineMetaLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.iterations_per_epoch = int(iterations_per_epoch)
 
     def __call__(self, step):
+        """The learning rate at optimizer step `step`, constant within an epoch."""
         epoch = tf.math.floordiv(tf.cast(step, tf.int64), self.iterations_per_epoch)
         cosine = tf.cos(math.pi * tf.cast(epoch, tf.float32) / self.total_epochs)
         return self.min_meta_lr + (self.meta_lr - self.min_meta_lr) * (1.0 +
                                                                        cosine) / 2.0
 
     def get_config(self) -> dict:
+        """The constructor arguments, for Keras serialization."""
         return dict(meta_lr=self.meta_lr, min_meta_lr=self.min_meta_lr,
                     total_epochs=self.total_epochs,
                     iterations_per_epoch=self.iterations_per_epoch)

@@ -23,7 +23,7 @@ other images of a request. The statistics (`bn_stats`):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -35,7 +35,7 @@ BN_STATS = ("support", "running", "tasknorm")
 
 
 def default_bn_stats(config: LearnerConfig) -> str:
-    """The task model's statistics for a run: its own policy's evaluation statistics."""
+    """The task model's statistics for a run: its own `bn_stats` mode's evaluation statistics."""
     return {"running": "running", "tasknorm": "tasknorm"}.get(config.bn_stats, "support")
 
 
@@ -76,7 +76,7 @@ def task_network(learner: MamlPlusPlus, bn_stats: str,
                        max_pooling=config.max_pooling,
                        num_steps=1,
                        per_step_bn=True,
-                       bn_policy="tasknorm" if bn_stats == "tasknorm" else "running",
+                       bn_stats="tasknorm" if bn_stats == "tasknorm" else "running",
                        pool_impl=backbone.pool_impl,
                        context_size=support_size if bn_stats == "tasknorm" else None,
                        dtype=config.dtype_policy,
@@ -110,7 +110,7 @@ def bake_task(learner: MamlPlusPlus, network: VGGBackbone, support_x: tf.Tensor,
                       for norm in learner.backbone.norms]
     else:
         # training=True: the support set's own statistics in every layer, which
-        # is what a query pass of the context policies normalises with.
+        # is what a query pass of the context modes normalises with.
         _, moments = learner.backbone.forward(support_x, params, step, True)
         statistics = [(m.mean, m.variance) for m in moments]
     for name, value in params.items():

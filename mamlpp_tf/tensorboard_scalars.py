@@ -7,11 +7,11 @@ are read from TensorBoard's `EventAccumulator` tensor store, with no sampling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
+import tensorflow as tf
 
 
 def read_scalars(directory: str,

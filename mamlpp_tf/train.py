@@ -20,19 +20,16 @@ and its progress display; the job itself is `mamlpp_tf.controller`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import sys
 import time
-from typing import Callable
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import cli
-from mamlpp_tf import controller
-from mamlpp_tf import evaluation
+from mamlpp_tf import cli, controller, evaluation
 from mamlpp_tf import flags as run_flags
 
 

@@ -13,13 +13,12 @@ holds the single-replica maths and a Trainer the strategy and the optimiser.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from mamlpp_tf import batch_checks
-from mamlpp_tf import schedules
+from mamlpp_tf import batch_checks, schedules
 from mamlpp_tf.backbone import BatchMoments
 from mamlpp_tf.inner_loop import Batch, PassRecord
 from mamlpp_tf.learner import MamlPlusPlus, ReplicaGradients
@@ -30,8 +29,8 @@ def _traced(fn: Callable, jit_compile: bool | None) -> Callable:
 
     The steps are straight-line Python over static shapes (their one
     data-dependent branch is an explicit `tf.cond`), so AutoGraph has nothing
-    to convert, yet wrapping every call it makes cost 1.5–3.4 s per trace of
-    a paper-sized meta-step (benchmarks/README.md).
+    to convert, yet wrapping every call it makes added seconds to each trace
+    of a paper-sized meta-step (timings in benchmarks/README.md).
     """
     return tf.function(fn, jit_compile=jit_compile, autograph=False)
 

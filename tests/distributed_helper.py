@@ -1,15 +1,15 @@
 """Subprocess side of test_distribute.py (devices and workers need fresh processes).
 
-    python tests/distributed_helper.py equivalence OUT.npz BN_STATS
-        Splits the CPU into 2 logical devices, then runs the same 3 SGD
-        meta-steps (4 tasks, --grad_clip active) on one device and under
-        MirroredStrategy, and saves losses, parameters, running statistics and
-        whether every replica holds identical copies of every variable.
+python tests/distributed_helper.py equivalence OUT.npz BN_STATS
+Splits the CPU into 2 logical devices, then runs the same 3 SGD
+meta-steps (4 tasks, --grad_clip active) on one device and under
+MirroredStrategy, and saves losses, parameters, running statistics and
+whether every replica holds identical copies of every variable.
 
-    python tests/distributed_helper.py train REPORT.json TRAIN_FLAGS...
-        Runs `python -m mamlpp_tf.train TRAIN_FLAGS...` in this process while
-        recording every checkpoint, JSON and TensorBoard write (with its path)
-        into REPORT.json; exits with the job's status.
+python tests/distributed_helper.py train REPORT.json TRAIN_FLAGS...
+Runs `python -m mamlpp_tf.train TRAIN_FLAGS...` in this process while
+recording every checkpoint, JSON and TensorBoard write (with its path)
+into REPORT.json; exits with the job's status.
 """
 
 import json
@@ -19,15 +19,18 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import keras
+import numpy as np
+import tensorflow as tf
 
-from conftest import random_batch, tiny_config  # pylint: disable=g-import-not-at-top
-from mamlpp_tf import distribute  # pylint: disable=g-import-not-at-top
-from mamlpp_tf import files  # pylint: disable=g-import-not-at-top
-from mamlpp_tf.learner import MamlPlusPlus  # pylint: disable=g-import-not-at-top
-from mamlpp_tf.trainer import Trainer  # pylint: disable=g-import-not-at-top
+from mamlpp_tf import distribute, files
+from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.trainer import Trainer
+
+from conftest import random_batch, tiny_config
+
+# pylint: enable=g-import-not-at-top
 
 REPLICAS = 2
 TASKS = 4

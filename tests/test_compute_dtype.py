@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import meta_gradient, random_batch, tiny_config
 from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
+
+from conftest import meta_gradient, random_batch, tiny_config
 
 CONVOLUTIONS = {"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"}
 

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mamlpp_tf import distribute, tensorboard_scalars
+
 from conftest import ROOT, TINY, run_job
-from mamlpp_tf import distribute
-from mamlpp_tf import tensorboard_scalars
 
 HELPER = os.path.join(ROOT, "tests", "distributed_helper.py")
 TIMEOUT_S = 420

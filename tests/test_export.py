@@ -21,32 +21,29 @@ import sys
 import threading
 import types
 
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+    text_format,
+    wrappers_pb2,
+)
 import grpc
 import numpy as np
 from PIL import Image
-from google.protobuf import descriptor_pb2
-from google.protobuf import descriptor_pool
-from google.protobuf import message_factory
-from google.protobuf import text_format
-from google.protobuf import wrappers_pb2
 import pytest
 import tensorflow as tf
+
 try:
-    from tensorflow_serving.apis import predict_pb2
-    from tensorflow_serving.apis import prediction_log_pb2
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2, prediction_service_pb2_grpc
     from tensorflow_serving.config import model_server_config_pb2
 except ImportError:  # Optional: the exports' warm-up records and gRPC need it.
     predict_pb2 = prediction_log_pb2 = None
     prediction_service_pb2_grpc = model_server_config_pb2 = None
 
-from export import preprocessing
-from export import saved_models
-from export import serving_requests
+from export import preprocessing, saved_models, serving_requests, warmup
 from export.support import class_folders, load_support
-from mamlpp_tf import experiment
-from mamlpp_tf import runs
-from mamlpp_tf import task_model
+from mamlpp_tf import experiment, runs, task_model
 from mamlpp_tf.config import LearnerConfig, RunConfig
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
 from mamlpp_tf.trainer import Trainer
@@ -591,7 +588,7 @@ def test_saved_model_cli_runs_both_models(exported, requests_on_disk):
 def warmup_requests(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
     """`(signature, inputs)` of each record of a version's TF Serving warm-up file."""
     requests = []
-    for record in tf.data.TFRecordDataset(os.path.join(path, saved_models.WARMUP_PATH)):
+    for record in tf.data.TFRecordDataset(os.path.join(path, warmup.WARMUP_PATH)):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         request = log.predict_log.request
         requests.append((request.model_spec.signature_name,
@@ -610,7 +607,7 @@ def test_every_export_writes_warm_up_requests_for_every_signature(exported):
     # config allows. The meta-model's: one task of the run's episode shape
     # (5-way 1-shot, 2 queries per class).
     sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-    assert saved_models.TASK_WARMUP_BATCH_SIZES == sizes
+    assert warmup.TASK_WARMUP_BATCH_SIZES == sizes
     expected = {
         exported.task_dir: [(signature, {name: (size, *shape)})
                             for size in sizes
@@ -628,8 +625,8 @@ def test_every_export_writes_warm_up_requests_for_every_signature(exported):
     }
     for path, shapes in expected.items():
         records = list(
-            tf.data.TFRecordDataset(os.path.join(path, saved_models.WARMUP_PATH)))
-        assert len(records) <= saved_models.MAX_WARMUP_RECORDS
+            tf.data.TFRecordDataset(os.path.join(path, warmup.WARMUP_PATH)))
+        assert len(records) <= warmup.MAX_WARMUP_RECORDS
         logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
         # The model name is the export folder's (models/task, models/meta).
         assert {log.predict_log.request.model_spec.name for log in logs} == {
@@ -688,12 +685,12 @@ def test_export_without_tensorflow_serving_api_names_the_install_command(
     assert not export_dir.exists()
 
 
-@pytest.mark.parametrize("count", [0, saved_models.MAX_WARMUP_RECORDS + 1])
+@pytest.mark.parametrize("count", [0, warmup.MAX_WARMUP_RECORDS + 1])
 def test_warm_up_files_hold_one_to_a_thousand_records(tmp_path, count):
     request = ("serving_default", {"images": np.zeros((1, *SHAPE), np.float32)})
     with pytest.raises(ValueError,
                        match=f"{count} warm-up requests: TF Serving takes 1 to 1000"):
-        saved_models.write_warmup(str(tmp_path / "warmup"), "task", [request] * count)
+        warmup.write_warmup(str(tmp_path / "warmup"), "task", [request] * count)
     assert not os.listdir(tmp_path)
 
 
@@ -1230,5 +1227,5 @@ def test_batching_parameters_parse_and_their_sizes_are_consistent():
     # The benchmarked requests fit one batch: 16 task-model images, 8 meta-model tasks.
     assert params.max_batch_size.value >= 16
     # Every batch size the server can form is warmed up by the task model's export.
-    assert tuple(sizes) == saved_models.TASK_WARMUP_BATCH_SIZES
+    assert tuple(sizes) == warmup.TASK_WARMUP_BATCH_SIZES
 

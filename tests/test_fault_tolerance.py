@@ -11,8 +11,9 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import comparable_results, run_job
 from mamlpp_tf import runs
+
+from conftest import comparable_results, run_job
 
 
 def kill_after_checkpoints(model_dir, count):
@@ -44,7 +45,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished_run
         stream.truncate(os.path.getsize(data_file) // 2)
     code, _, stderr = run_job(model_dir)
     assert code == 0, stderr[-3000:]
-    warning = [l for l in stderr.splitlines() if "is damaged" in l]
+    warning = [line for line in stderr.splitlines() if "is damaged" in line]
     assert warning and os.path.basename(newest) in warning[0]
     assert os.path.basename(indexes[-2][:-len(".index")]) in warning[0]
     assert comparable_results(model_dir) == comparable_results(finished_run[0])
@@ -55,7 +56,7 @@ def test_a_second_process_on_the_same_model_dir_is_refused(tmp_path):
     with runs.RunLock(model_dir):
         code, _, stderr = run_job(model_dir)
     assert code == 2
-    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"in use by process {os.getpid()}" in lines[0]
     assert not os.path.exists(os.path.join(model_dir, "config.json"))
 
@@ -110,7 +111,7 @@ def test_a_nan_batch_stops_the_run_naming_iteration_and_checkpoint(tmp_path):
     model_dir = str(tmp_path / "nan_stop")
     code, _, stderr = run_job(model_dir, env={"MAMLPP_TF_INJECT_NAN_AT": "5"})
     assert code == 3, stderr[-3000:]
-    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "iteration 5" in lines[0] and "ckpt-3" in lines[0], lines
     assert "Traceback" not in stderr
     assert not os.path.exists(os.path.join(model_dir, "results.json"))

@@ -1,5 +1,8 @@
-"""The first hour of a new user (issue 16): fast offline failures, failed starts that
-claim nothing, clear input errors, and output that says what the job is doing."""
+"""The first hour of a new user (issue 16).
+
+Fast offline failures, failed starts that claim nothing, clear input errors, and output
+that says what the job is doing.
+"""
 
 import io
 import json
@@ -16,19 +19,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT, TINY, random_batch, run_job, tiny_config
 from export.preprocessing import Preprocessing
 from export.support import class_folders, load_support
-from mamlpp_tf import MamlPlusPlus, Trainer
-from mamlpp_tf import cli
-from mamlpp_tf import data
-from mamlpp_tf import files
+from mamlpp_tf import MamlPlusPlus, Trainer, cli, data, files, runs, train
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf import runs
-from mamlpp_tf import train
 from mamlpp_tf.config import RunConfig
-from mamlpp_tf.data import omniglot
-from mamlpp_tf.data import synthetic
+from mamlpp_tf.data import omniglot_prepare, synthetic
+
+from conftest import ROOT, TINY, random_batch, run_job, tiny_config
 
 
 def closed_port() -> int:
@@ -65,7 +63,7 @@ def test_offline_download_stops_within_seconds_with_the_command_line_remedy(tmp_
     assert "HTTPS proxy 127.0.0.1" in block[0]
     remedies = "\n".join(block[1:])
     assert "--data_dir=DIR --nodownload" in remedies
-    for name in omniglot.ORIGINAL_ZIPS:
+    for name in omniglot_prepare.ORIGINAL_ZIPS:
         assert name in remedies
     assert str(data_dir / "downloads" / "manual") in remedies
     assert "download=True" not in stderr and "Traceback" not in stderr
@@ -76,11 +74,11 @@ def test_download_probe_fails_fast_on_a_closed_port_and_writes_nothing(tmp_path,
     for name in ("https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(name, raising=False)
     port = closed_port()
-    monkeypatch.setattr(omniglot, "DOWNLOAD_HOST", ("127.0.0.1", port))
+    monkeypatch.setattr(omniglot_prepare, "DOWNLOAD_HOST", ("127.0.0.1", port))
     started = time.time()
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.load("omniglot", data_dir=tmp_path, download=True)
-    assert time.time() - started < omniglot.PROBE_TIMEOUT_S + 2
+    assert time.time() - started < omniglot_prepare.PROBE_TIMEOUT_S + 2
     assert f"no connection to 127.0.0.1:{port}" in str(error.value)
     assert f"data_dir={tmp_path}" in str(error.value)  # The Python API's terms...
     assert "--data_dir" not in str(error.value) and "--nodownload" not in str(error.value)
@@ -95,7 +93,7 @@ def test_download_probe_passes_when_the_host_answers(monkeypatch):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        assert omniglot._unreachable(server.getsockname()) is None
+        assert omniglot_prepare._unreachable(server.getsockname()) is None
 
 
 def test_missing_data_with_nodownload_names_the_flags(tmp_path):
@@ -155,7 +153,10 @@ def test_a_model_dir_with_only_a_config_json_accepts_the_corrected_command(tmp_p
 
 def test_other_flags_are_refused_once_the_run_has_a_checkpoint(tmp_path):
     run = runs.RunDir(str(tmp_path))
-    config = lambda n_way: RunConfig(learner=tiny_config(n_way=n_way), model_dir=str(tmp_path))
+
+    def config(n_way):
+        return RunConfig(learner=tiny_config(n_way=n_way), model_dir=str(tmp_path))
+
     run.write_or_check_config(config(2))
     run.write_or_check_config(config(3))  # No checkpoint yet: free for other flags.
     assert json.loads(open(run.config_path).read())["learner"]["n_way"] == 3

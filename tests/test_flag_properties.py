@@ -4,7 +4,8 @@ import re
 
 from absl import flags
 from absl.testing import flagsaver
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from mamlpp_tf import experiment

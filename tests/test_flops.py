@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import random_batch
 from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer, flops
+
+from conftest import random_batch
 
 
 def _ops(function, *args, op_type):

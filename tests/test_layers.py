@@ -24,8 +24,8 @@ def numpy_tasknorm(x, context_mean, context_var, alpha, gamma, beta, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-def make_bn(policy="batch", steps=3, channels=4, per_step=True, context_size=None):
-    layer = PerStepBatchNorm(steps, per_step=per_step, policy=policy, dtype="float64",
+def make_bn(bn_stats="batch", steps=3, channels=4, per_step=True, context_size=None):
+    layer = PerStepBatchNorm(steps, per_step=per_step, bn_stats=bn_stats, dtype="float64",
                              context_size=context_size)
     layer.build((None, 5, 5, channels))
     rng = np.random.RandomState(0)
@@ -34,7 +34,7 @@ def make_bn(policy="batch", steps=3, channels=4, per_step=True, context_size=Non
     if per_step:
         layer.running_mean.assign(rng.randn(steps, channels))
         layer.running_var.assign(rng.rand(steps, channels) + 0.5)
-    if policy == "tasknorm":
+    if bn_stats == "tasknorm":
         layer.alpha_scale.assign(rng.randn(*layer.alpha_scale.shape))
         layer.alpha_offset.assign(rng.randn(*layer.alpha_offset.shape))
     return layer
@@ -52,19 +52,19 @@ def test_per_step_bn_shapes_and_initial_values():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_policy_uses_batch_statistics_always(training):
+def test_batch_mode_uses_batch_statistics_always(training):
     layer = make_bn("batch")
     x = np.random.RandomState(1).randn(6, 5, 5, 4) * 3 + 2
     for step in range(3):
         got = layer(x, step=step, training=training).numpy()
         want = numpy_batch_norm(x, layer.gamma.numpy()[step], layer.beta.numpy()[step])
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    # Running statistics are never read by the batch policy.
+    # Running statistics are never read under bn_stats="batch".
     layer.running_mean.assign(layer.running_mean.numpy() + 10.0)
     np.testing.assert_allclose(layer(x, step=2, training=training).numpy(), want, atol=1e-12)
 
 
-def test_running_policy_reads_running_statistics_at_evaluation_only():
+def test_running_mode_reads_running_statistics_at_evaluation_only():
     layer = make_bn("running")
     x = np.random.RandomState(2).randn(6, 5, 5, 4)
     g, b = layer.gamma.numpy()[1], layer.beta.numpy()[1]
@@ -112,7 +112,7 @@ def test_running_stat_update_is_pytorch_momentum_with_unbiased_variance():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_support_policy_takes_statistics_from_the_context_images_only(training):
+def test_support_mode_takes_statistics_from_the_context_images_only(training):
     layer = make_bn("support")
     x = np.random.RandomState(10).randn(7, 5, 5, 4) * 2 + 1
     got = layer(x, step=1, training=training, context=3).numpy()
@@ -120,7 +120,7 @@ def test_support_policy_takes_statistics_from_the_context_images_only(training):
     mean, var = context.mean(axis=(0, 1, 2)), context.var(axis=(0, 1, 2))
     want = (x - mean) / np.sqrt(var + 1e-5) * layer.gamma.numpy()[1] + layer.beta.numpy()[1]
     np.testing.assert_allclose(got, want, atol=1e-12)
-    # Without a context the batch is its own context: the batch policy's numbers.
+    # Without a context the batch is its own context: the "batch" mode's numbers.
     np.testing.assert_allclose(layer(x, step=1, training=training).numpy(),
                                make_bn("batch")(x, step=1, training=training).numpy(),
                                atol=1e-12)
@@ -141,7 +141,7 @@ def test_tasknorm_blends_context_and_instance_moments(per_step):
         np.testing.assert_allclose(got, want, atol=1e-12)
     assert {v.path.split("/")[-1] for v in layer.trainable_variables} == {
         "gamma", "beta", "alpha_scale", "alpha_offset"}
-    fresh = PerStepBatchNorm(3, policy="tasknorm")
+    fresh = PerStepBatchNorm(3, bn_stats="tasknorm")
     fresh.build((None, 5, 5, 4))
     np.testing.assert_array_equal(fresh.alpha(0, 10).numpy(), 0.5)  # a = b = 0 initially.
 
@@ -159,7 +159,7 @@ def test_stored_context_layer_reads_its_context_moments_at_evaluation():
     np.testing.assert_allclose(layer(x[1:], step=0, training=False).numpy(), want[1:],
                                atol=1e-12)
     with pytest.raises(ValueError, match="context_size"):
-        PerStepBatchNorm(1, policy="support", context_size=5)
+        PerStepBatchNorm(1, bn_stats="support", context_size=5)
 
 
 def test_shared_bn_for_plain_maml():
@@ -170,7 +170,7 @@ def test_shared_bn_for_plain_maml():
                                numpy_batch_norm(x, layer.gamma.numpy(), layer.beta.numpy()),
                                atol=1e-12)
     with pytest.raises(ValueError, match="per_step"):
-        PerStepBatchNorm(5, per_step=False, policy="running")
+        PerStepBatchNorm(5, per_step=False, bn_stats="running")
 
 
 def test_second_derivative_through_variance_is_exact():
@@ -198,8 +198,8 @@ def test_second_derivative_through_variance_is_exact():
 
 
 @pytest.mark.parametrize("cls,kwargs", [
-    (PerStepBatchNorm, dict(num_steps=4, per_step=True, policy="running", momentum=0.2)),
-    (PerStepBatchNorm, dict(num_steps=1, policy="tasknorm", context_size=10)),
+    (PerStepBatchNorm, dict(num_steps=4, per_step=True, bn_stats="running", momentum=0.2)),
+    (PerStepBatchNorm, dict(num_steps=1, bn_stats="tasknorm", context_size=10)),
     (PerStepLearningRates, dict(param_names=["a/kernel", "a/bias"], num_steps=3,
                                 initial_rate=0.05)),
 ])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer, schedules
+
 from conftest import random_batch, tiny_config
-from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
-from mamlpp_tf import schedules
 
 
 def snapshot(trainer):
@@ -153,7 +153,10 @@ def prototype_tasks(rng, prototypes, n_way, k_shot, n_query, tasks):
                     image = np.roll(prototypes[c], rng.randint(-1, 2), axis=0)
                     images.append(image + 0.3 * rng.randn(*image.shape))
             out.append(images)
-    labels = lambda shots: np.tile(np.repeat(np.arange(n_way), shots), (tasks, 1))
+
+    def labels(shots):
+        return np.tile(np.repeat(np.arange(n_way), shots), (tasks, 1))
+
     return (np.float32(support_x), labels(k_shot).astype(np.int32), np.float32(query_x),
             labels(n_query).astype(np.int32))
 

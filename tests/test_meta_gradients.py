@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (assert_random_directions_match_fd, directional_fd,
-                      hand_unrolled_meta_loss, meta_gradient, random_batch, relative_error,
-                      tiny_config)
 from mamlpp_tf import MamlPlusPlus
+
+from conftest import (
+    assert_random_directions_match_fd,
+    directional_fd,
+    hand_unrolled_meta_loss,
+    meta_gradient,
+    random_batch,
+    relative_error,
+    tiny_config,
+)
 
 
 def test_second_order_meta_gradient_equals_finite_differences():

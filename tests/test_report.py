@@ -14,11 +14,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import report_data
-from mamlpp_tf import report_figures
-from mamlpp_tf import reporting
-from mamlpp_tf import schedules
-from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf import report_data, report_figures, reporting, schedules, tensorboard_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two epochs of a 2-stage, 3-step network on synthetic glyphs: about 15 s.
@@ -141,7 +137,10 @@ def test_report_shows_tasknorm_blend_per_layer_and_step(tasknorm_run, tmp_path):
     best = json.load(open(os.path.join(model_dir, "results.json")))["test"]["best_epoch"]
     reader = tf.train.load_checkpoint(
         os.path.join(model_dir, "checkpoints", f"epoch_{best:03d}", "model"))
-    value = lambda key: reader.get_tensor(f"backbone/{key}/.ATTRIBUTES/VARIABLE_VALUE")
+
+    def value(key):
+        return reader.get_tensor(f"backbone/{key}/.ATTRIBUTES/VARIABLE_VALUE")
+
     for layer in ("norm0", "norm1"):
         # 3-way 1-shot: a support set of 3 images.
         alpha = 1 / (1 + np.exp(-(value(f"{layer}/alpha_scale") * 3 +

@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY, tiny_config
-from mamlpp_tf import MamlPlusPlus, Trainer
-from mamlpp_tf import controller
-from mamlpp_tf import files
+from mamlpp_tf import MamlPlusPlus, Trainer, controller, files, runs
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf import runs
 from mamlpp_tf.config import RunConfig
+
+from conftest import ROOT, TINY, tiny_config
 
 
 @pytest.fixture
@@ -52,7 +50,10 @@ def shifted_learner(shift):
 
 def test_config_history_and_results_on_ram(ram_dir):
     run = runs.RunDir(ram_dir)
-    config = lambda n_way: RunConfig(learner=tiny_config(n_way=n_way), model_dir=ram_dir)
+
+    def config(n_way):
+        return RunConfig(learner=tiny_config(n_way=n_way), model_dir=ram_dir)
+
     assert run.read_history() == [] and run.read_results() is None
     run.write_or_check_config(config(2))
     assert run.read_config() == config(2)
@@ -152,7 +153,7 @@ def _local_calls(tree, allowed_class=None):
 
 @pytest.mark.parametrize("path, allowed_class", [
     ("mamlpp_tf/runs.py", "RunLock"), ("mamlpp_tf/evaluation.py", None),
-    ("export/saved_models.py", None)])
+    ("export/saved_models.py", None), ("export/warmup.py", None)])
 def test_run_directory_code_calls_no_local_only_file_api(path, allowed_class):
     with open(os.path.join(ROOT, path), encoding="utf-8") as stream:
         tree = ast.parse(stream.read())

@@ -17,13 +17,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (assert_random_directions_match_fd, directional_fd,
-                      hand_unrolled_meta_loss, meta_gradient, random_batch, relative_error,
-                      tiny_config)
 from export import saved_models
 from export.preprocessing import Preprocessing
-from mamlpp_tf import MamlPlusPlus, Trainer
-from mamlpp_tf import task_model
+from mamlpp_tf import MamlPlusPlus, Trainer, task_model
+
+from conftest import (
+    assert_random_directions_match_fd,
+    directional_fd,
+    hand_unrolled_meta_loss,
+    meta_gradient,
+    random_batch,
+    relative_error,
+    tiny_config,
+)
 
 CONTEXT_MODES = ["support", "tasknorm"]
 
@@ -95,9 +101,9 @@ def reference_meta_loss(learner: MamlPlusPlus, batch, msl_weights) -> tf.Tensor:
         """Logits of `x`; with `support`, statistics come from it (else from `x`)."""
         context = x if support is None else support
         for i, norm in enumerate(backbone.norms):
-            conv = lambda h: (tf.nn.conv2d(h, w[f"conv{i}/kernel"], 1, "SAME") +
-                              w[f"conv{i}/bias"])
-            x, context = conv(x), conv(context)
+            kernel, bias = w[f"conv{i}/kernel"], w[f"conv{i}/bias"]
+            x = tf.nn.conv2d(x, kernel, 1, "SAME") + bias
+            context = tf.nn.conv2d(context, kernel, 1, "SAME") + bias
             mean = tf.reduce_mean(context, axis=[0, 1, 2])
             var = tf.reduce_mean((context - mean)**2, axis=[0, 1, 2])
             n = float(context.shape[0])

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer, inner_loop
+
 from conftest import meta_gradient, random_batch, tiny_config
-from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
-from mamlpp_tf import inner_loop
 
 
 def small_config(**overrides) -> LearnerConfig:

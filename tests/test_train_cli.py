@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, comparable_results, run_job
-from mamlpp_tf import evaluation
-from mamlpp_tf import experiment
+from mamlpp_tf import evaluation, experiment, runs, tensorboard_scalars
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf import runs
-from mamlpp_tf import tensorboard_scalars
 from mamlpp_tf.trainer import Trainer
+
+from conftest import ROOT, comparable_results, run_job
+
 
 def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
     model_dir, stdout = finished_run
@@ -48,7 +47,10 @@ def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
         ["lslr/conv0_kernel/step_1", "bn/norm1/gamma_mean/step_1"])
     reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", "epoch_001",
                                                    "model"))
-    value = lambda key: reader.get_tensor(f"{key}/.ATTRIBUTES/VARIABLE_VALUE")
+
+    def value(key):
+        return reader.get_tensor(f"{key}/.ATTRIBUTES/VARIABLE_VALUE")
+
     for tag, expected_value in (
             ("lslr/conv0_kernel/step_1", value("lslr/rate_conv0_kernel")[1]),
             ("bn/norm1/gamma_mean/step_1", value("backbone/norm1/gamma")[1].mean())):
@@ -57,8 +59,10 @@ def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
 
 
 def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finished_run):
-    """results.json keeps no per-task accuracies: they are recomputed from the best
-    epoch's checkpoint on the same fixed test tasks, scored from the logits here."""
+    """results.json keeps no per-task accuracies: they are recomputed here.
+
+    From the best epoch's checkpoint on the same fixed test tasks, scored from the logits.
+    """
     model_dir, _ = finished_run
     test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
     run = runs.RunDir(model_dir)
@@ -103,8 +107,11 @@ def test_a_batch_statistics_run_reports_its_served_accuracy_beside_the_protocol(
 
 
 def test_a_tasknorm_run_serves_exactly_what_it_reports(tasknorm_run):
-    """Protocol (`eval_step`, support set passed with the queries) and served path
-    (baked task model, fixed statistics) are separate code; they must agree."""
+    """Protocol and served path are separate code; they must agree.
+
+    Protocol: `eval_step`, support set passed with the queries. Served: baked task model,
+    fixed statistics.
+    """
     model_dir, stdout = tasknorm_run
     test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
     assert test["served_bn_stats"] == "tasknorm"
@@ -131,7 +138,7 @@ def test_other_flags_on_an_existing_run_are_refused(finished_run):
     model_dir, _ = finished_run
     code, _, stderr = run_job(model_dir, "--n_way=4")
     assert code == 2
-    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--n_way: 3 -> 4" in lines[0]
     assert "Traceback" not in stderr
 
@@ -179,7 +186,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def test_bad_flags_give_one_named_line(tmp_path, extra, named):
     code, _, stderr = run_job(str(tmp_path / "bad"), *extra)
     assert code == 2, stderr[-2000:]
-    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and named in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
@@ -233,8 +240,10 @@ def test_summarize_and_ensemble_against_hand_computation():
     assert summary["accuracy"] == pytest.approx(0.625)
     assert summary["ci95"] == pytest.approx(1.96 * np.std(accuracies) / 2)
     labels = np.array([[0, 1], [1, 0]])
-    member = lambda logits: evaluation.TaskResults(np.zeros(2), np.zeros(2), np.array(logits),
-                                                   labels)
+
+    def member(logits):
+        return evaluation.TaskResults(np.zeros(2), np.zeros(2), np.array(logits), labels)
+
     # Logit averaging, not voting: the confident second model wins task 0's first sample.
     a = member([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
     b = member([[[-5.0, 5.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])

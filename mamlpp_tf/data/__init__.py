@@ -20,9 +20,17 @@ from typing import Any
 
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
 from mamlpp_tf.data.class_set import ClassSet, DatasetNotFoundError, ImageStore
-from mamlpp_tf.data.episodes import (SPLIT_KINDS, Task, TaskDraw, check_episode_shape,
-                                     derive_seed, draw_task, episodes, make_task,
-                                     task_seed)
+from mamlpp_tf.data.episodes import (
+    SPLIT_KINDS,
+    Task,
+    TaskDraw,
+    check_episode_shape,
+    derive_seed,
+    draw_task,
+    episodes,
+    make_task,
+    task_seed,
+)
 from mamlpp_tf.data.registry import DATASETS, DatasetInfo, dataset_info
 
 __all__ = [

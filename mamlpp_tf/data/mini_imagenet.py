@@ -16,10 +16,10 @@ and kept in memory as uint8 (about 1.3 GB for the 60,000 images).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import concurrent.futures
 import csv
 import os
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -7,8 +7,8 @@ preprocessing by them; nothing else repeats a dataset's numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Callable
 
 import numpy as np
 

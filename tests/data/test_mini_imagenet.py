@@ -6,9 +6,9 @@ import pathlib
 import re
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from mamlpp_tf import data
 from mamlpp_tf.data import mini_imagenet

@@ -9,13 +9,13 @@ import pathlib
 import zipfile
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from mamlpp_tf import data
-from mamlpp_tf.data import omniglot
+from mamlpp_tf.data import omniglot, omniglot_prepare
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared"
@@ -280,7 +280,7 @@ def test_incomplete_manual_zips_are_named_before_any_download(tmp_path):
 def test_manual_zips_with_wrong_checksums_give_a_clear_error(tmp_path):
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
-    for name in omniglot.ORIGINAL_ZIPS:
+    for name in omniglot_prepare.ORIGINAL_ZIPS:
         (manual / name).write_bytes(b"not the original zip")
     with pytest.raises(data.DatasetNotFoundError, match="checksum mismatch"):
         omniglot.load(data_dir=tmp_path, download=True)

@@ -7,8 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mamlpp_tf import config
-from mamlpp_tf import data
+from mamlpp_tf import config, data
 from mamlpp_tf.data import mini_imagenet, omniglot, registry, synthetic
 
 LEVELS = np.arange(256, dtype=np.uint8)
