@@ -20,7 +20,6 @@ test: timings on shared machines are noisy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top
+from absl import app, flags
 import numpy as np
 from PIL import Image
 
@@ -136,28 +136,25 @@ def mini_imagenet_cases(batches: int,
     return records
 
 
-def main() -> None:
+flags.DEFINE_string("omniglot_data_dir", str(_DEFAULT_TFDS),
+                    "Prepared TFDS data dir (random stand-in arrays when absent).")
+flags.DEFINE_integer("batches", 200, "Timed meta-batches per case.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
     """Times episode sampling for each case and prints one JSON line per case."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--omniglot_data_dir",
-        type=pathlib.Path,
-        default=_DEFAULT_TFDS,
-        help="prepared TFDS data dir (random stand-in arrays when absent)")
-    parser.add_argument("--batches",
-                        type=int,
-                        default=200,
-                        help="timed meta-batches per case")
-    args = parser.parse_args()
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     common = dict(cpus=os.cpu_count())
     print(json.dumps({
-        **omniglot_case(args.omniglot_data_dir, args.batches),
+        **omniglot_case(pathlib.Path(FLAGS.omniglot_data_dir), FLAGS.batches),
         **common
     }),
           flush=True)
-    for record in mini_imagenet_cases(args.batches):
+    for record in mini_imagenet_cases(FLAGS.batches):
         print(json.dumps({**record, **common}), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
