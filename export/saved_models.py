@@ -178,27 +178,7 @@ def meta_archive(learner: MamlPlusPlus,
         support_images = _checked(support_images, [None, None, *image_shape])
         query_images = _checked(query_images, [None, None, *image_shape])
         support_labels = _checked(support_labels, [None, None])
-        labels_shape = tf.shape(support_labels)
-        checks = [
-            tf.debugging.assert_equal(
-                tf.shape(support_images)[:2],
-                labels_shape,
-                message="support_labels [T, N·K] and support_images "
-                "[T, N·K, H, W, C] differ in length"),
-            tf.debugging.assert_equal(
-                tf.shape(query_images)[0],
-                labels_shape[0],
-                message="query_images and support_images differ in their number of "
-                "tasks T"),
-            tf.debugging.assert_positive(labels_shape[1],
-                                         message="support set is empty"),
-            tf.debugging.assert_non_negative(support_labels,
-                                             message="support_labels must be >= 0"),
-            tf.debugging.assert_less(
-                support_labels,
-                config.n_way,
-                message=f"support_labels must be < n_way = {config.n_way}"),
-        ]
+        checks = _task_checks(support_images, support_labels, query_images, config.n_way)
         with tf.control_dependencies(checks):
             tasks = (tf.cast(support_images, config.dtype), tf.identity(support_labels),
                      tf.cast(query_images, config.dtype))
@@ -212,37 +192,67 @@ def meta_archive(learner: MamlPlusPlus,
         outputs["logits"] = tf.cast(logits, tf.float32)
         return outputs
 
-    def decode(image_bytes: tf.Tensor) -> tf.Tensor:
-        """Strings `[T, M]` as float32 images `[T, M, H, W, C]`."""
-        image_bytes = _checked(image_bytes, [None, None])
-        images = preprocessing.decode_batch(tf.reshape(image_bytes, [-1]))
-        return tf.reshape(images, tf.concat([tf.shape(image_bytes), image_shape], 0))
-
     def predict_encoded(support_image_bytes: tf.Tensor, support_labels: tf.Tensor,
                         query_image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        return respond(decode(support_image_bytes), support_labels,
-                       decode(query_image_bytes))
+        return respond(_decode_tasks(preprocessing, support_image_bytes), support_labels,
+                       _decode_tasks(preprocessing, query_image_bytes))
 
-    images = [
-        tf.TensorSpec([None, None, *image_shape], tf.float32, name=f"{role}_images")
-        for role in ("support", "query")
-    ]
-    encoded = [
-        tf.TensorSpec([None, None], tf.string, name=f"{role}_image_bytes")
-        for role in ("support", "query")
-    ]
-    labels = tf.TensorSpec([None, None], tf.int32, name="support_labels")
     archive = keras.export.ExportArchive()
     archive.track(learner.backbone)
     archive.track(learner.lslr)
-    archive.add_endpoint("serving_default",
-                         respond,
-                         input_signature=[images[0], labels, images[1]])
-    archive.add_endpoint("predict_encoded",
-                         predict_encoded,
-                         input_signature=[encoded[0], labels, encoded[1]])
+    signatures = _meta_signatures(image_shape)
+    archive.add_endpoint("serving_default", respond, input_signature=signatures["images"])
+    archive.add_endpoint("predict_encoded", predict_encoded,
+                         input_signature=signatures["encoded"])
     return archive
 
+
+def _meta_signatures(image_shape: list[int]) -> dict[str, list[tf.TensorSpec]]:
+    """Input signatures of the meta-model: float images or encoded bytes, with labels."""
+    labels = tf.TensorSpec([None, None], tf.int32, name="support_labels")
+    images = [tf.TensorSpec([None, None, *image_shape], tf.float32, name=f"{role}_images")
+              for role in ("support", "query")]
+    encoded = [tf.TensorSpec([None, None], tf.string, name=f"{role}_image_bytes")
+               for role in ("support", "query")]
+    return dict(images=[images[0], labels, images[1]], encoded=[encoded[0], labels, encoded[1]])
+
+
+
+def _task_checks(support_images: tf.Tensor, support_labels: tf.Tensor,
+                 query_images: tf.Tensor, n_way: int) -> list[tf.Operation]:
+    """Assertions that a meta-model request holds well-formed tasks.
+
+    Each fails the request with InvalidArgument and a message naming the
+    input at fault: lengths, task counts, an empty support set, labels
+    outside `[0, n_way)`.
+    """
+    labels_shape = tf.shape(support_labels)
+    return [
+        tf.debugging.assert_equal(
+            tf.shape(support_images)[:2],
+            labels_shape,
+            message="support_labels [T, N·K] and support_images "
+            "[T, N·K, H, W, C] differ in length"),
+        tf.debugging.assert_equal(
+            tf.shape(query_images)[0],
+            labels_shape[0],
+            message="query_images and support_images differ in their number of "
+            "tasks T"),
+        tf.debugging.assert_positive(labels_shape[1], message="support set is empty"),
+        tf.debugging.assert_non_negative(support_labels,
+                                         message="support_labels must be >= 0"),
+        tf.debugging.assert_less(support_labels,
+                                 n_way,
+                                 message=f"support_labels must be < n_way = {n_way}"),
+    ]
+
+
+def _decode_tasks(preprocessing: Preprocessing, image_bytes: tf.Tensor) -> tf.Tensor:
+    """Encoded images `[T, M]` (strings) as float32 images `[T, M, H, W, C]`."""
+    image_bytes = _checked(image_bytes, [None, None])
+    images = preprocessing.decode_batch(tf.reshape(image_bytes, [-1]))
+    return tf.reshape(images, tf.concat([tf.shape(image_bytes),
+                                         list(preprocessing.image_shape)], 0))
 
 def next_version(export_dir: str) -> int:
     """One above the largest numeric version folder in `export_dir` (1 for none)."""

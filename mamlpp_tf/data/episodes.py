@@ -233,17 +233,7 @@ def episodes(class_set: ClassSet,
       ValueError: On a bad argument; the message names it.
     """
     check_episode_shape(class_set, n_way, k_shot, n_query)
-    if split_kind not in SPLIT_KINDS:
-        raise ValueError(f"split_kind={split_kind!r} must be one of {SPLIT_KINDS}")
-    if meta_batch_size < 1:
-        raise ValueError(f"meta_batch_size={meta_batch_size} must be >= 1")
-    if start_task < 0:
-        raise ValueError(f"start_task={start_task} must be >= 0")
-    if num_tasks is None and split_kind != "train":
-        raise ValueError(f"num_tasks is required for split_kind={split_kind!r} "
-                         "(evaluation uses a fixed, finite set of tasks)")
-    if num_tasks is not None and num_tasks < 1:
-        raise ValueError(f"num_tasks={num_tasks} must be >= 1")
+    _check_stream(split_kind, meta_batch_size, start_task, num_tasks)
     rotate = split_kind == "train" and class_set.augment
     first_seed = derive_seed(seed) + start_task
     tasks_per_batch = meta_batch_size
@@ -258,12 +248,7 @@ def episodes(class_set: ClassSet,
         ]
         return tuple(np.stack(parts) for parts in zip(*tasks))
 
-    if num_tasks is None:
-        batch_indices = tf.data.Dataset.counter()
-        static_t = tasks_per_batch
-    else:
-        batch_indices = tf.data.Dataset.range(-(-num_tasks // tasks_per_batch))
-        static_t = tasks_per_batch if num_tasks % tasks_per_batch == 0 else None
+    batch_indices, static_t = _batch_indices(num_tasks, tasks_per_batch)
     image_shape = tuple(class_set.image_shape)
     shapes = ([static_t, n_way * k_shot, *image_shape], [static_t, n_way * k_shot],
               [static_t, n_way * n_query, *image_shape], [static_t, n_way * n_query])
@@ -278,3 +263,31 @@ def episodes(class_set: ClassSet,
                                 num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_stream(split_kind: str, meta_batch_size: int, start_task: int,
+                  num_tasks: int | None) -> None:
+    """Raises a ValueError naming the first bad argument of a task stream."""
+    if split_kind not in SPLIT_KINDS:
+        raise ValueError(f"split_kind={split_kind!r} must be one of {SPLIT_KINDS}")
+    if meta_batch_size < 1:
+        raise ValueError(f"meta_batch_size={meta_batch_size} must be >= 1")
+    if start_task < 0:
+        raise ValueError(f"start_task={start_task} must be >= 0")
+    if num_tasks is None and split_kind != "train":
+        raise ValueError(f"num_tasks is required for split_kind={split_kind!r} "
+                         "(evaluation uses a fixed, finite set of tasks)")
+    if num_tasks is not None and num_tasks < 1:
+        raise ValueError(f"num_tasks={num_tasks} must be >= 1")
+
+
+def _batch_indices(num_tasks: int | None,
+                   tasks_per_batch: int) -> tuple[tf.data.Dataset, int | None]:
+    """Meta-batch indices of a stream, and the static task count of its batches.
+
+    The count is None when a finite stream ends with a smaller meta-batch.
+    """
+    if num_tasks is None:
+        return tf.data.Dataset.counter(), tasks_per_batch
+    static_t = tasks_per_batch if num_tasks % tasks_per_batch == 0 else None
+    return tf.data.Dataset.range(-(-num_tasks // tasks_per_batch)), static_t
