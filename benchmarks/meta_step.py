@@ -126,19 +126,22 @@ flags.register_validator("compute_dtype", lambda v: set(v) <= {"float32", "bfloa
 FLAGS = flags.FLAGS
 
 
-def synthetic_batch(name: str, seed: int = 0) -> tuple[np.ndarray, ...]:
+def synthetic_batch(name: str, seed: int = 0, tasks: int | None = None
+                    ) -> tuple[np.ndarray, ...]:
     """Random images and class-major labels of case `name`'s shapes.
 
     Args:
       name: A key of `CASES`.
       seed: Seed of the images, so every process times the same numbers.
+      tasks: Tasks of the meta-batch; default the case's.
 
     Returns:
       `(support_x, support_y, query_x, query_y)` as numpy arrays of shapes
       `[tasks, n_way * k_shot, H, W, C]`, `[tasks, n_way * k_shot]` (int32),
       and the same with queries per class for the query set.
     """
-    n_way, k_shot, n_query, tasks, image_shape, _ = CASES[name]
+    n_way, k_shot, n_query, case_tasks, image_shape, _ = CASES[name]
+    tasks = tasks or case_tasks
     rng = np.random.RandomState(seed)
 
     def labels(per_class: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Both are written with `keras.export.ExportArchive` around the library's own
 layers, so the served graphs run exactly the code that trained and evaluated
-the model (`VGGBackbone.forward`, `MamlPlusPlus.adapt`/`predict`), and the
+the model (the backbone's `forward`, `MamlPlusPlus.adapt`/`predict`), and the
 TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
 `tf.Module` holding Keras 3 layers reloads in Python only).
 
@@ -61,9 +61,9 @@ from export.warmup import (
     write_warmup,
 )
 from mamlpp_tf import experiment, files, runs, task_model
-from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.nets import Backbone
 
 # Written beside the SavedModel; TF Serving ignores assets.extra/ except warm-up files.
 INFO_PATH = os.path.join("assets.extra", "export_info.json")
@@ -108,7 +108,7 @@ def _outputs(logits: tf.Tensor) -> dict[str, tf.Tensor]:
                 class_ids=tf.argmax(logits, axis=-1, output_type=tf.int32))
 
 
-def task_archive(network: VGGBackbone, class_names: tuple[str, ...],
+def task_archive(network: Backbone, class_names: tuple[str, ...],
                  preprocessing: Preprocessing) -> keras.export.ExportArchive:
     """The task model: `serving_default(images)` and `predict_encoded(image_bytes)`.
 

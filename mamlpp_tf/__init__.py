@@ -3,7 +3,9 @@
 The public API is small: `LearnerConfig`, `MamlPlusPlus` (the algorithm) and
 `Trainer` (its distributed meta-step and optimiser) for meta-learning, the
 layers `PerStepBatchNorm` and `PerStepLearningRates`, the `VGGBackbone`, and the
-schedules in `mamlpp_tf.schedules`. Data lives in `mamlpp_tf.data`.
+schedules in `mamlpp_tf.schedules`. Networks (the `Backbone` interface, its
+registry, the built-in networks and `KerasBackbone` for any Keras model) live in
+`mamlpp_tf.nets`, data in `mamlpp_tf.data`.
 """
 
 from collections.abc import Iterator
@@ -62,11 +64,11 @@ with (drop_stderr_lines(_LOAD_NOTICES) if os.environ["TF_CPP_MIN_LOG_LEVEL"] != 
 del keras, tensorflow  # Imported only to load them here; the package's modules import them.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import LearnerConfig
-from mamlpp_tf.layers import PerStepBatchNorm, PerStepLearningRates
 from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.nets import PerStepBatchNorm, VGGBackbone
 from mamlpp_tf.trainer import Trainer
+from mamlpp_tf.update_rules import PerStepLearningRates
 
 __all__ = [
     "LearnerConfig",

@@ -16,7 +16,7 @@ from typing import Any
 
 from mamlpp_tf.data import omniglot
 from mamlpp_tf.data.registry import DATASETS, dataset_info
-from mamlpp_tf.layers import BN_STATS_MODES
+from mamlpp_tf.nets import BN_STATS_MODES, backbone_names
 
 TASK_IMPLS = ("loop", "batched", "auto")
 # None: everything in the variable dtype.
@@ -81,11 +81,15 @@ def _field_problems(config: Any) -> list[Problem]:
     problems = []
     for field in dataclasses.fields(config):
         meta, value = field.metadata, getattr(config, field.name)
-        if meta.get("choices") is not None and value not in meta["choices"]:
+        # A tuple field's bounds hold for each of its (one or more) entries.
+        entries = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and not value:
+            reason = "must have at least one entry"
+        elif meta.get("choices") is not None and value not in meta["choices"]:
             reason = f"must be one of {tuple(meta['choices'])}"
-        elif meta.get("lower") is not None and value < meta["lower"]:
+        elif meta.get("lower") is not None and min(entries) < meta["lower"]:
             reason = f"must be >= {meta['lower']}"
-        elif meta.get("above") is not None and value <= meta["above"]:
+        elif meta.get("above") is not None and min(entries) <= meta["above"]:
             reason = f"must be > {meta['above']}"
         else:
             continue
@@ -128,11 +132,21 @@ class LearnerConfig:
     image_shape: tuple[int, int, int] = option(
         (28, 28, 1), "(H, W, C) of the images; the training job takes it from --dataset.",
         flag=False)
-    num_filters: int = option(64, "Channels of every convolution.", lower=1)
-    num_stages: int = option(4, "Conv stages of the backbone.", lower=1)
+    backbone: str = option(
+        "vgg", "The network (mamlpp_tf.nets registry): vgg (the paper's conv net; "
+        "--num_filters, --num_stages, --max_pooling), resnet12 (four residual blocks; "
+        "--resnet12_widths), mlp (the original MAML's Omniglot MLP; --mlp_hidden).")
+    num_filters: int = option(64, "vgg: channels of every convolution.", lower=1)
+    num_stages: int = option(4, "vgg: conv stages.", lower=1)
     max_pooling: bool = option(
-        True, "Max-pool after each stage; --nomax_pooling uses stride-2 convolutions and "
-        "global average pooling.")
+        True, "vgg: max-pool after each stage; --nomax_pooling uses stride-2 convolutions "
+        "and global average pooling.")
+    resnet12_widths: tuple[int, ...] = option(
+        (64, 128, 256, 512), "resnet12: channels of the four residual blocks "
+        "(ALFA/MeTAL: 64,128,256,512).", lower=1)
+    mlp_hidden: tuple[int, ...] = option(
+        (256, 128, 64, 64), "mlp: widths of the hidden dense-BN-ReLU layers (the original "
+        "MAML's Omniglot MLP: 256,128,64,64).", lower=1)
     inner_steps: int = option(5, "Inner-loop steps in meta-training (S).", lower=1)
     eval_inner_steps: int = option(
         5, "Inner-loop steps at evaluation; at most --inner_steps (per-step batch norm and "
@@ -184,12 +198,19 @@ class LearnerConfig:
         return "mixed_bfloat16" if self.compute_dtype == "bfloat16" else self.dtype
 
     def __post_init__(self):
-        object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
+        # JSON (config.json) and flags give lists; the config holds tuples.
+        for name in ("image_shape", "resnet12_widths", "mlp_hidden"):
+            object.__setattr__(self, name, tuple(int(d) for d in getattr(self, name)))
         _check(self, self._combinations)
 
     def _combinations(self) -> list[Combination]:
         """The checks across fields."""
         return [
+            (self.backbone in backbone_names(), dict(backbone=self.backbone),
+             f"must be a registered backbone: one of {backbone_names()}"),
+            (self.backbone != "resnet12" or len(self.resnet12_widths) == 4,
+             dict(resnet12_widths=self.resnet12_widths, backbone=self.backbone),
+             "must give the widths of the 4 residual blocks"),
             (len(self.image_shape) == 3 and min(self.image_shape) >= 1,
              dict(image_shape=self.image_shape), "must be (H, W, C) with positive sizes"),
             (self.eval_inner_steps <= self.inner_steps,

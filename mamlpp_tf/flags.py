@@ -53,8 +53,23 @@ def _define(field: dataclasses.Field, kind: Any) -> None:
         define(*args, lower_bound=lower)
     elif kind is str or kind == str | None:
         flags.DEFINE_string(*args)
+    elif kind == tuple[int, ...]:
+        # Comma-separated (--mlp_hidden=256,128); LearnerConfig makes the entries ints and
+        # checks their bounds.
+        flags.DEFINE_list(field.name, [str(d) for d in default], meta["help"])
+        flags.register_validator(
+            field.name, lambda values: all(_is_int(v) for v in values),
+            message="must be comma-separated integers")
     else:
         raise TypeError(f"no flag type for field {field.name}: {kind}")
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _flag_fields(config_class: type) -> list[dataclasses.Field]:

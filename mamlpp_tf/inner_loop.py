@@ -18,19 +18,26 @@ statistics alone: its prediction never depends on the other queries.
 
 Two task layouts compute the same numbers: `loop` runs tasks one after another
 (the simple reference) and `batched` runs them through the network together
-(`VGGBackbone.forward_tasks`).
+(the backbone's optional `forward_tasks`; `auto` uses it where it pays and the
+network has it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import keras
 import tensorflow as tf
 
-from mamlpp_tf.backbone import BatchMoments, VGGBackbone
 from mamlpp_tf.config import LearnerConfig
-from mamlpp_tf.layers import CONTEXT_BN_STATS, PerStepLearningRates
+from mamlpp_tf.nets import (
+    CONTEXT_BN_STATS,
+    Backbone,
+    BatchMoments,
+    build_backbone,
+    check_backbone,
+    has_task_batched_pass,
+)
+from mamlpp_tf.update_rules import PerStepLearningRates
 
 Batch = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 # One pass of the network: (batch-norm step, moments of each BN layer).
@@ -61,27 +68,32 @@ class InnerLoop:
     """The network, its per-step inner learning rates and the inner loop over them.
 
     The base of `MamlPlusPlus`, which adds the meta-objective, its gradients,
-    evaluation and the serving API; see there for the backbone interface.
+    evaluation and the serving API.
 
     Args:
       config: The learner's hyper-parameters.
-      backbone: The network; defaults to the `VGGBackbone` the config describes.
+      backbone: The network (a `mamlpp_tf.nets.Backbone`); defaults to the one
+        `config.backbone` names, built from the registry.
 
     Attributes:
       config: The `LearnerConfig`.
-      backbone: The `VGGBackbone` holding network and per-step BN variables.
+      backbone: The network holding the fast weights' and per-step BN variables.
       lslr: The `PerStepLearningRates` layer.
+
+    Raises:
+      TypeError: `backbone` lacks a member of `mamlpp_tf.nets.Backbone`.
+      ValueError: `task_impl="batched"` for a network without `forward_tasks`.
     """
 
-    def __init__(self, config: LearnerConfig, backbone: keras.layers.Layer | None = None):
+    def __init__(self, config: LearnerConfig, backbone: Backbone | None = None):
         self.config = config
-        self.backbone = backbone or VGGBackbone(
-            n_way=config.n_way, image_shape=config.image_shape,
-            num_filters=config.num_filters, num_stages=config.num_stages,
-            max_pooling=config.max_pooling, num_steps=config.inner_steps,
-            per_step_bn=config.per_step_bn, bn_stats=config.bn_stats,
-            pool_impl="reshape" if config.jit_compile else "max_pool",
-            dtype=config.dtype_policy, name="backbone")
+        self.backbone = build_backbone(config) if backbone is None else backbone
+        check_backbone(self.backbone)
+        _check_norms(config, self.backbone)
+        if config.task_impl == "batched" and not has_task_batched_pass(self.backbone):
+            raise ValueError(f"task_impl='batched' needs a task-batched pass (forward_tasks), "
+                             f"which {type(self.backbone).__name__} does not have: use "
+                             "task_impl='loop' or 'auto'")
         self.lslr = PerStepLearningRates(
             self.backbone.param_names, config.inner_steps, config.inner_lr,
             trainable=config.learn_inner_lr, dtype=config.dtype, name="lslr")
@@ -91,7 +103,8 @@ class InnerLoop:
     def _task_impl(self, query_per_task: int) -> str:
         impl = self.config.task_impl
         if impl == "auto":
-            return "batched" if query_per_task <= _AUTO_BATCHED_MAX_QUERY else "loop"
+            return ("batched" if query_per_task <= _AUTO_BATCHED_MAX_QUERY and
+                    has_task_batched_pass(self.backbone) else "loop")
         return impl
 
     def run_tasks(self, batch: Batch, *, num_steps: int, training: bool,
@@ -204,3 +217,17 @@ def _mean_over_tasks(moments: Iterable[BatchMoments], tasks: int | None) -> list
         return list(moments)
     return [BatchMoments(tf.reduce_mean(m.mean, 0), tf.reduce_mean(m.variance, 0), m.count)
             for m in moments]
+
+
+def _check_norms(config: LearnerConfig, backbone: Backbone) -> None:
+    """Raises `ValueError` unless every batch norm of `backbone` has the config's settings."""
+    for norm in backbone.norms:
+        got = (norm.bn_stats, norm.per_step, norm.num_steps if norm.per_step else None)
+        want = (config.bn_stats, config.per_step_bn,
+                config.inner_steps if config.per_step_bn else None)
+        if got != want:
+            raise ValueError(
+                f"batch norm {norm.name} of the backbone has (bn_stats, per_step, num_steps) = "
+                f"{got}, the learner's config {want}: build the backbone with "
+                "bn_stats=config.bn_stats, per_step_bn=config.per_step_bn and "
+                "num_steps=config.inner_steps")

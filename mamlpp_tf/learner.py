@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from mamlpp_tf import batch_checks, inner_loop, schedules
 from mamlpp_tf.inner_loop import Batch, InnerLoop, PassRecord
-from mamlpp_tf.layers import CONTEXT_BN_STATS
+from mamlpp_tf.nets import CONTEXT_BN_STATS
 
 
 class ReplicaGradients(NamedTuple):
@@ -50,16 +50,19 @@ class MamlPlusPlus(InnerLoop):
 
     Args:
       config: The learner's hyper-parameters.
-      backbone: The network; defaults to the `VGGBackbone` the config
-        describes. Any layer with the same fast-weight interface works
-        (`param_names`, `initial_params()`, `forward`, `forward_tasks` for the
-        batched layout, `norms`, its `PerStepBatchNorm` layers in pass order,
-        and for `get_weights` `weights_by_name`, its variables by param name).
+      backbone: The network; defaults to the one `config.backbone` names
+        (`mamlpp_tf.nets` registry). Any object with the members of
+        `mamlpp_tf.nets.Backbone` works (checked here), e.g. a Keras model
+        wrapped in `mamlpp_tf.nets.KerasBackbone`.
 
     Attributes:
       config: The `LearnerConfig`.
-      backbone: The `VGGBackbone` holding network and per-step BN variables.
+      backbone: The network holding the fast weights' and per-step BN variables.
       lslr: The `PerStepLearningRates` layer.
+
+    Raises:
+      TypeError: `backbone` lacks a member of `mamlpp_tf.nets.Backbone`.
+      ValueError: `task_impl="batched"` for a network without `forward_tasks`.
     """
 
     # ------------------------------------------------------------------ state

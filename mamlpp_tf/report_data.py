@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from mamlpp_tf import runs, tensorboard_scalars
-from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import RunConfig
+from mamlpp_tf.nets import Backbone, build_backbone
 
 _VALUE_KEY = "/.ATTRIBUTES/VARIABLE_VALUE"
 # Training scalars `train` writes every --log_every iterations.
@@ -146,22 +146,12 @@ def _checkpoint_number(path: str) -> int:
     return int(path.rsplit("-", 1)[-1])
 
 
-def _describe_network(config: RunConfig) -> VGGBackbone:
+def _describe_network(config: RunConfig) -> Backbone:
     """The run's backbone, built only for its tensor and layer names, in order."""
-    learner = config.learner
-    return VGGBackbone(n_way=learner.n_way,
-                       image_shape=learner.image_shape,
-                       num_filters=learner.num_filters,
-                       num_stages=learner.num_stages,
-                       max_pooling=learner.max_pooling,
-                       num_steps=learner.inner_steps,
-                       per_step_bn=learner.per_step_bn,
-                       bn_stats=learner.bn_stats,
-                       dtype=learner.dtype,
-                       name="backbone")
+    return build_backbone(config.learner)
 
 
-def _tasknorm_alpha(reader: _Reader, backbone: VGGBackbone,
+def _tasknorm_alpha(reader: _Reader, backbone: Backbone,
                     support_size: int) -> list[tuple[str, np.ndarray]]:
     """TaskNorm's blend `sigmoid(a·n + b)` of each batch-norm layer at support size `n`."""
     alphas = []

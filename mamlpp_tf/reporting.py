@@ -106,7 +106,8 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
         config, learner = run.config, run.config.learner
         lines.append(
             f"- **{run.label}** (`{run.model_dir}`): {config.dataset} "
-            f"{learner.n_way}-way {config.k_shot}-shot, {learner.inner_steps} inner "
+            f"{learner.n_way}-way {config.k_shot}-shot, {learner.backbone} network, "
+            f"{learner.inner_steps} inner "
             f"steps, {learner.epochs} epochs × {learner.iterations_per_epoch} "
             f"iterations; heatmaps from {run.checkpoint.description}.")
     lines += [

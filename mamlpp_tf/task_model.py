@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from mamlpp_tf.backbone import VGGBackbone
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.nets import Backbone
 
 BN_STATS = ("support", "running", "tasknorm")
 
@@ -53,7 +53,7 @@ def check_bn_stats(config: LearnerConfig, bn_stats: str) -> None:
 
 
 def task_network(learner: MamlPlusPlus, bn_stats: str,
-                 support_size: int | None = None) -> VGGBackbone:
+                 support_size: int | None = None) -> Backbone:
     """A one-step copy of the learner's network that normalises with stored statistics.
 
     Args:
@@ -65,25 +65,16 @@ def task_network(learner: MamlPlusPlus, bn_stats: str,
     Raises:
       ValueError: as `check_bn_stats`, or `"tasknorm"` without `support_size`.
     """
-    config, backbone = learner.config, learner.backbone
-    check_bn_stats(config, bn_stats)
+    check_bn_stats(learner.config, bn_stats)
     if bn_stats == "tasknorm" and not support_size:
         raise ValueError("a tasknorm task model needs the support size")
-    return VGGBackbone(n_way=config.n_way,
-                       image_shape=config.image_shape,
-                       num_filters=config.num_filters,
-                       num_stages=config.num_stages,
-                       max_pooling=config.max_pooling,
-                       num_steps=1,
-                       per_step_bn=True,
-                       bn_stats="tasknorm" if bn_stats == "tasknorm" else "running",
-                       pool_impl=backbone.pool_impl,
-                       context_size=support_size if bn_stats == "tasknorm" else None,
-                       dtype=config.dtype_policy,
-                       name="task_network")
+    return learner.backbone.variant(
+        num_steps=1, per_step_bn=True,
+        bn_stats="tasknorm" if bn_stats == "tasknorm" else "running",
+        context_size=support_size if bn_stats == "tasknorm" else None, name="task_network")
 
 
-def bake_task(learner: MamlPlusPlus, network: VGGBackbone, support_x: tf.Tensor,
+def bake_task(learner: MamlPlusPlus, network: Backbone, support_x: tf.Tensor,
               support_y: tf.Tensor, bn_stats: str) -> None:
     """Adapts to a support set and stores the result in `network` (a `task_network`).
 

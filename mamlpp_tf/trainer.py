@@ -19,9 +19,9 @@ import keras
 import tensorflow as tf
 
 from mamlpp_tf import batch_checks, schedules
-from mamlpp_tf.backbone import BatchMoments
 from mamlpp_tf.inner_loop import Batch, PassRecord
 from mamlpp_tf.learner import MamlPlusPlus, ReplicaGradients
+from mamlpp_tf.nets import BatchMoments
 
 
 def _traced(fn: Callable, jit_compile: bool | None) -> Callable:

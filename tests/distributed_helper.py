@@ -1,10 +1,12 @@
 """Subprocess side of test_distribute.py (devices and workers need fresh processes).
 
-python tests/distributed_helper.py equivalence OUT.npz BN_STATS
+python tests/distributed_helper.py equivalence OUT.npz BN_STATS [NETWORKS_JSON]
 Splits the CPU into 2 logical devices, then runs the same 3 SGD
 meta-steps (4 tasks, --grad_clip active) on one device and under
 MirroredStrategy, and saves losses, parameters, running statistics and
-whether every replica holds identical copies of every variable.
+whether every replica holds identical copies of every variable. With
+NETWORKS_JSON (`{"id": {config overrides}}`), once per network, its keys
+prefixed with `id/`.
 
 python tests/distributed_helper.py train REPORT.json TRAIN_FLAGS...
 Runs `python -m mamlpp_tf.train TRAIN_FLAGS...` in this process while
@@ -78,23 +80,27 @@ def _clipped_fraction(config, batch) -> float:
     return float(np.mean(flat > GRAD_CLIP))
 
 
-def equivalence(out_path: str, bn_stats: str) -> None:
+def equivalence(out_path: str, bn_stats: str, networks: dict[str, dict] | None) -> None:
     """The same meta-steps on one device and on two mirrored CPU replicas."""
     mirrored = distribute.resolve("mirrored", TASKS, cpu_replicas=REPLICAS)
-    config = tiny_config(dtype="float32", grad_clip=GRAD_CLIP, bn_stats=bn_stats)
-    batches = [random_batch(config, tasks=TASKS, seed=seed) for seed in range(STEPS)]
-    results = {
-        "one": _meta_steps(tf.distribute.get_strategy(), config, batches),
-        "mirrored": _meta_steps(mirrored, config, batches)
-    }
-    arrays = dict(clipped_fraction=_clipped_fraction(config, batches[0]))
-    for name, result in results.items():
-        arrays[f"{name}/losses"] = result["losses"]
-        arrays[f"{name}/replicas"] = result["replicas"]
-        arrays[f"{name}/copies_identical"] = result["copies_identical"]
-        for kind in ("params", "stats"):
-            for index, value in enumerate(result[kind]):
-                arrays[f"{name}/{kind}/{index}"] = value
+    arrays = {}
+    for prefix, overrides in (networks or {"": {}}).items():
+        config = tiny_config(dtype="float32", grad_clip=GRAD_CLIP, bn_stats=bn_stats,
+                             **overrides)
+        batches = [random_batch(config, tasks=TASKS, seed=seed) for seed in range(STEPS)]
+        results = {
+            "one": _meta_steps(tf.distribute.get_strategy(), config, batches),
+            "mirrored": _meta_steps(mirrored, config, batches)
+        }
+        prefix = f"{prefix}/" if prefix else ""
+        arrays[f"{prefix}clipped_fraction"] = _clipped_fraction(config, batches[0])
+        for name, result in results.items():
+            arrays[f"{prefix}{name}/losses"] = result["losses"]
+            arrays[f"{prefix}{name}/replicas"] = result["replicas"]
+            arrays[f"{prefix}{name}/copies_identical"] = result["copies_identical"]
+            for kind in ("params", "stats"):
+                for index, value in enumerate(result[kind]):
+                    arrays[f"{prefix}{name}/{kind}/{index}"] = value
     np.savez(out_path, **arrays)
 
 
@@ -134,7 +140,8 @@ def train_with_write_log(report_path: str, argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
-        equivalence(sys.argv[2], sys.argv[3])
+        equivalence(sys.argv[2], sys.argv[3],
+                    json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
     elif sys.argv[1] == "train":
         train_with_write_log(sys.argv[2], sys.argv[3:])
     else:

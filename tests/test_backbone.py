@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf.backbone import VGGBackbone
+from mamlpp_tf.nets import VGGBackbone
 
 
 def count_params(backbone):

@@ -11,9 +11,11 @@ from mamlpp_tf.config import ConfigError, LearnerConfig, RunConfig
 
 FLAGS = flags.FLAGS
 
-# Every flag of the training job before the flags were generated from the configs:
-# kind, default, and the enum values or the integer/float lower bound.
+# Every flag of the training job before the flags were generated from the configs, and
+# those added since (the networks'): kind, default, and the enum values or the integer/float
+# lower bound.
 FLAGS_BEFORE = {
+    "backbone": ("string", "vgg", None),
     "bn_stats": ("enum", "batch", ("batch", "running", "support", "tasknorm")),
     "checkpoint_every": ("integer", 100, 1),
     "compute_dtype": ("enum", None, ("bfloat16",)),
@@ -36,6 +38,7 @@ FLAGS_BEFORE = {
     "max_pooling": ("bool", True, None),
     "meta_batch_size": ("integer", 8, 1),
     "meta_lr": ("float", 0.001, 0),
+    "mlp_hidden": ("list", ["256", "128", "64", "64"], None),
     "min_meta_lr": ("float", 1e-05, 0),
     "model_dir": ("string", None, None),
     "msl_epochs": ("integer", 10, 0),
@@ -47,6 +50,7 @@ FLAGS_BEFORE = {
     "omniglot_split": ("enum", "paper", ("paper", "background_evaluation")),
     "override_config": ("bool", False, None),
     "per_step_bn": ("bool", True, None),
+    "resnet12_widths": ("list", ["64", "128", "256", "512"], None),
     "second_order": ("bool", True, None),
     "seed": ("integer", 0, 0),
     "strategy": ("enum", "default", ("default", "mirrored", "multi_worker")),
@@ -63,7 +67,7 @@ def _describe(flag) -> tuple:
         return "bool", flag.default, None
     if hasattr(parser, "enum_values"):
         return "enum", flag.default, tuple(parser.enum_values)
-    kind = {"IntegerParser": "integer", "FloatParser": "float"}.get(
+    kind = {"IntegerParser": "integer", "FloatParser": "float", "ListParser": "list"}.get(
         type(parser).__name__, "string")
     return kind, flag.default, getattr(parser, "lower_bound", None)
 
@@ -219,3 +223,34 @@ def test_round_trip_through_a_dict():
     assert config.learner.image_shape == (8, 8, 3)
     assert RunConfig.from_dict(config.to_dict()) == config
     assert dataclasses.asdict(config)["learner"]["n_way"] == 3
+
+
+def test_network_flags_reach_their_fields():
+    config = _resolve("--dataset=synthetic", "--backbone=resnet12",
+                      "--resnet12_widths=8,16,32,64", "--mlp_hidden=7,5")
+    assert config.learner.backbone == "resnet12"
+    assert config.learner.resnet12_widths == (8, 16, 32, 64)
+    assert config.learner.mlp_hidden == (7, 5)
+    with pytest.raises(flags.IllegalFlagValueError, match="comma-separated integers"):
+        _resolve("--mlp_hidden=7,wide")
+
+
+@pytest.mark.parametrize("values,line", [
+    (dict(backbone="alexnet"), "backbone='alexnet' must be a registered backbone: one of ("),
+    (dict(mlp_hidden=(8, 0)), "mlp_hidden=(8, 0) must be >= 1."),
+    (dict(mlp_hidden=()), "mlp_hidden=() must have at least one entry."),
+    (dict(backbone="resnet12", resnet12_widths=(8, 8)),
+     "resnet12_widths=(8, 8) must give the widths of the 4 residual blocks."),
+])
+def test_network_fields_are_checked(values, line):
+    with pytest.raises(ConfigError) as error:
+        LearnerConfig(**values)
+    assert str(error.value).startswith(line)
+
+
+def test_a_config_json_written_before_the_network_fields_is_vgg():
+    values = RunConfig(learner=LearnerConfig()).to_dict()
+    for name in ("backbone", "resnet12_widths", "mlp_hidden"):
+        del values["learner"][name]
+    learner = RunConfig.from_dict(values).learner
+    assert learner.backbone == "vgg" and learner == LearnerConfig()

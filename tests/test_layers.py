@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf.layers import PerStepBatchNorm, PerStepLearningRates
+from mamlpp_tf.nets import PerStepBatchNorm
+from mamlpp_tf.update_rules import PerStepLearningRates
 
 
 def numpy_batch_norm(x, gamma, beta, eps=1e-5):

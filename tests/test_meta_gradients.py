@@ -5,12 +5,12 @@
 * a hand-unrolled MAML++ reference written here with raw TF ops.
 """
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from mamlpp_tf import MamlPlusPlus
+from mamlpp_tf.nets import FastWeightNetwork
 
 from conftest import (
     assert_random_directions_match_fd,
@@ -75,24 +75,18 @@ def test_rates_and_per_step_bn_get_gradients_in_both_orders():
             assert np.all(np.abs(by_path[norm.beta.path]).sum(axis=1) > 1e-8)
 
 
-class LinearBackbone(keras.layers.Layer):
+class LinearBackbone(FastWeightNetwork):
     """logits = flatten(x) @ W + b: the one-layer model of the closed-form test."""
 
     def __init__(self, features, n_way, **kwargs):
         super().__init__(**kwargs)
-        self.norms = []
+        self.features, self.n_way = features, n_way
         self.param_names = ["dense/kernel", "dense/bias"]
-        self.kernel = self.add_weight(name="kernel", shape=(features, n_way),
-                                      initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(n_way,), initializer="random_normal")
-        self.weights_by_name = {"dense/kernel": self.kernel, "dense/bias": self.bias}
+        self.add_fast_weight("dense/kernel", (features, n_way), "glorot_uniform")
+        self.add_fast_weight("dense/bias", (n_way,), "random_normal")
 
-    def initial_params(self):
-        return {"dense/kernel": tf.convert_to_tensor(self.kernel),
-                "dense/bias": tf.convert_to_tensor(self.bias)}
-
-    def forward(self, x, params, step, training):
-        del step, training
+    def forward(self, x, params, step, training, context=None):
+        del step, training, context
         x = tf.reshape(x, [tf.shape(x)[0], -1])
         return x @ params["dense/kernel"] + params["dense/bias"], []
 
@@ -135,11 +129,12 @@ def test_second_order_gradient_of_a_linear_model_in_closed_form():
     got = dict(zip([v.path for v in learner.trainable_variables], grads))
     want = [closed_form_one_step(batch[0][t].reshape(6, 4), batch[1][t],
                                  batch[2][t].reshape(9, 4), batch[3][t],
-                                 backbone.kernel.numpy(), backbone.bias.numpy(), 0.7, -0.4)
+                                 backbone.dense_kernel.numpy(), backbone.dense_bias.numpy(),
+                                 0.7, -0.4)
             for t in range(3)]
     mean = {k: np.mean([w[k] for w in want], axis=0) for k in want[0]}
-    np.testing.assert_allclose(got[backbone.kernel.path], mean["w"], rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(got[backbone.bias.path], mean["b"], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(got[backbone.dense_kernel.path], mean["w"], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(got[backbone.dense_bias.path], mean["b"], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(got[learner.lslr.rates["dense/kernel"].path], [mean["alpha_w"]],
                                rtol=1e-10)
     np.testing.assert_allclose(got[learner.lslr.rates["dense/bias"].path], [mean["alpha_b"]],

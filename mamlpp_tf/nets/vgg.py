@@ -19,29 +19,14 @@ Two forward passes compute the same function:
 from __future__ import annotations
 
 from collections.abc import Sequence
-import math
-from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
-from mamlpp_tf.layers import PerStepBatchNorm
+from mamlpp_tf.nets.base import POOL_IMPLS, BatchMoments, FastWeightNetwork, pool
+from mamlpp_tf.nets.registry import register_backbone
 
 LEAKY_RELU_SLOPE = 0.01  # PyTorch's F.leaky_relu default, used by the official net.
-POOL_IMPLS = ("max_pool", "reshape")
-
-
-class BatchMoments(NamedTuple):
-    """Batch statistics of one batch-norm layer in one pass, for running-stat updates.
-
-    Attributes:
-      mean: `[C]` (single task) or `[T, C]` (task-batched).
-      variance: Biased variance, same shape as `mean`.
-      count: Elements per channel each statistic was computed from.
-    """
-    mean: tf.Tensor
-    variance: tf.Tensor
-    count: int
 
 
 def _leaky_relu(x: tf.Tensor) -> tf.Tensor:
@@ -58,24 +43,8 @@ def _matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return a @ b
 
 
-def _pool(x: tf.Tensor, impl: str) -> tf.Tensor:
-    """2×2/2 max pooling with floor, on `[B, H, W, C]`.
-
-    `reshape` pools with `reduce_max` over a reshape, whose second derivative
-    XLA computes exactly (XLA's max-pool second derivative does not). The two
-    differ only where a window has tied maxima: `max_pool` routes the gradient
-    to one of them (as PyTorch does), `reduce_max` splits it.
-    """
-    if impl == "max_pool":
-        return tf.nn.max_pool2d(x, ksize=2, strides=2, padding="VALID")
-    height, width = x.shape[1] // 2, x.shape[2] // 2
-    x = x[:, :2 * height, :2 * width, :]
-    x = tf.reshape(x, [-1, height, 2, width, 2, x.shape[-1]])
-    return tf.reduce_max(x, axis=[2, 4])
-
-
 @keras.saving.register_keras_serializable(package="mamlpp_tf")
-class VGGBackbone(keras.layers.Layer):
+class VGGBackbone(FastWeightNetwork):
     """Conv(3×3, bias) → per-step BN → LeakyReLU(0.01) → max-pool, repeated; then dense.
 
     As the official `VGGReLUNormNetwork`: `num_stages` stages of `num_filters`
@@ -120,7 +89,8 @@ class VGGBackbone(keras.layers.Layer):
                  pool_impl: str = "max_pool",
                  context_size: int | None = None,
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(num_steps=num_steps, per_step_bn=per_step_bn, bn_stats=bn_stats,
+                         context_size=context_size, **kwargs)
         image_shape = tuple(int(d) for d in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (H, W, C), got {image_shape}.")
@@ -134,22 +104,10 @@ class VGGBackbone(keras.layers.Layer):
         self.num_filters = int(num_filters)
         self.num_stages = int(num_stages)
         self.max_pooling = bool(max_pooling)
-        self.num_steps = int(num_steps)
-        self.per_step_bn = bool(per_step_bn)
-        self.bn_stats = bn_stats
         self.pool_impl = pool_impl
-        self.context_size = context_size
         self.feature_shape = self._feature_shape()
-        self.norms = [
-            PerStepBatchNorm(num_steps, per_step=per_step_bn, bn_stats=bn_stats,
-                             context_size=context_size, name=f"norm{i}",
-                             dtype=self.dtype_policy.variable_dtype)
-            for i in range(self.num_stages)
-        ]
-        for i, norm in enumerate(self.norms):
-            # Plain attributes are what tf.train.Checkpoint tracks (not list items).
-            setattr(self, f"norm{i}", norm)
-        self.weights_by_name: dict[str, keras.Variable] = {}
+        for i in range(self.num_stages):
+            self.add_norm(f"norm{i}")
         self.build((None,) + image_shape)
 
     def _feature_shape(self) -> tuple[int, int, int]:
@@ -180,47 +138,17 @@ class VGGBackbone(keras.layers.Layer):
             return
         channels = self.image_shape[-1]
         for i in range(self.num_stages):
-            self.weights_by_name[f"conv{i}/kernel"] = self.add_weight(
-                name=f"conv{i}_kernel", shape=(3, 3, channels, self.num_filters),
-                initializer="glorot_uniform")
-            self.weights_by_name[f"conv{i}/bias"] = self.add_weight(
-                name=f"conv{i}_bias", shape=(self.num_filters,), initializer="zeros")
+            self.add_fast_weight(f"conv{i}/kernel", (3, 3, channels, self.num_filters),
+                                 "glorot_uniform")
+            self.add_fast_weight(f"conv{i}/bias", (self.num_filters,), "zeros")
             self.norms[i].build((None, None, None, self.num_filters))
             channels = self.num_filters
         features = 1
         for d in self.feature_shape:
             features *= d
-        self.weights_by_name["dense/kernel"] = self.add_weight(
-            name="dense_kernel", shape=(features, self.n_way),
-            initializer="glorot_uniform")
-        self.weights_by_name["dense/bias"] = self.add_weight(
-            name="dense_bias", shape=(self.n_way,), initializer="zeros")
-        for name, variable in self.weights_by_name.items():
-            # Plain attributes are what tf.train.Checkpoint tracks (not dict items).
-            setattr(self, name.replace("/", "_"), variable)
+        self.add_fast_weight("dense/kernel", (features, self.n_way), "glorot_uniform")
+        self.add_fast_weight("dense/bias", (self.n_way,), "zeros")
         self.built = True
-
-    def initial_params(self) -> dict[str, tf.Tensor]:
-        """The meta-parameters as the fast weights `θ_0` of an inner loop.
-
-        Read inside a `GradientTape`, the outer gradient flows back to the
-        variables through these tensors.
-        """
-        return {name: tf.convert_to_tensor(self.weights_by_name[name])
-                for name in self.param_names}
-
-    def _low_precision(self, fn, *tensors: tf.Tensor) -> tf.Tensor:
-        """`fn(*tensors)` computed in the compute dtype, returned in the first tensor's dtype.
-
-        With a plain dtype policy both casts are no-ops (`tf.cast` adds no op
-        when the dtype already matches), so the float32/float64 graph is
-        unchanged. Under `"mixed_bfloat16"` the products run in bfloat16
-        (oneDNN's AVX-512 BF16 kernels where the CPU has them) and their
-        gradients come back through the casts in the same precision.
-        """
-        dtype = tensors[0].dtype
-        result = fn(*(tf.cast(t, self.compute_dtype) for t in tensors))
-        return tf.cast(result, dtype)
 
     def _conv(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         """3×3 convolution with padding 1 on both sides, as PyTorch's padding=1.
@@ -257,22 +185,20 @@ class VGGBackbone(keras.layers.Layer):
           `(logits [B, n_way], moments)`: the batch moments of each batch-norm
           layer, for the caller's running-statistics update.
         """
-        moments = []
+        moments: list[BatchMoments] = []
         for i, norm in enumerate(self.norms):
-            x = (self._low_precision(self._conv, x, params[f"conv{i}/kernel"]) +
+            x = (self.low_precision(self._conv, x, params[f"conv{i}/kernel"]) +
                  params[f"conv{i}/bias"])
-            count = _count(x, (0, 1, 2), context)
-            x, mean, variance = norm.normalize(x, step=step, training=training,
-                                               context=context)
-            moments.append(BatchMoments(mean, variance, count))
+            x = self.normalize(norm, x, moments, step=step, training=training,
+                               context=context)
             x = _leaky_relu(x)
             if self.max_pooling:
-                x = _pool(x, self.pool_impl)
+                x = pool(x, self.pool_impl)
         if self.max_pooling:
             x = tf.reshape(x, [tf.shape(x)[0], -1])
         else:
             x = tf.reduce_mean(x, axis=[1, 2])
-        logits = self._low_precision(_matmul, x, params["dense/kernel"])
+        logits = self.low_precision(_matmul, x, params["dense/kernel"])
         return logits + params["dense/bias"], moments
 
     def forward_tasks(self,
@@ -308,26 +234,24 @@ class VGGBackbone(keras.layers.Layer):
         """
         tasks = x.shape[0]
         batch = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
-        moments = []
+        moments: list[BatchMoments] = []
         for i, norm in enumerate(self.norms):
             # `+`, not `tf.nn.bias_add`: oneDNN's graph rewrite fuses
             # BiasAddGrad into the filter gradient, and in these second-order
             # graphs that fusion makes a cycle ("nodes in a cycle").
-            x = (self._low_precision(self._task_conv, x, params[f"conv{i}/kernel"]) +
+            x = (self.low_precision(self._task_conv, x, params[f"conv{i}/kernel"]) +
                  params[f"conv{i}/bias"][:, None, None, None, :])
-            count = _count(x, (1, 2, 3), context)
-            x, mean, variance = norm.normalize(x, step=step, training=training,
-                                               axes=(1, 2, 3), context=context)
-            moments.append(BatchMoments(mean, variance, count))
+            x = self.normalize(norm, x, moments, step=step, training=training,
+                               context=context, axes=(1, 2, 3))
             if self.max_pooling:
-                x = _pool(tf.reshape(x, [-1] + x.shape[2:].as_list()), self.pool_impl)
+                x = pool(tf.reshape(x, [-1] + x.shape[2:].as_list()), self.pool_impl)
                 x = tf.reshape(x, [tasks, batch] + x.shape[1:].as_list())
             x = _leaky_relu(x)
         if self.max_pooling:
             x = tf.reshape(x, [tasks, batch, -1])  # Flattened as in `forward`.
         else:
             x = tf.reduce_mean(x, axis=[2, 3])
-        logits = self._low_precision(tf.linalg.matmul, x, params["dense/kernel"])
+        logits = self.low_precision(tf.linalg.matmul, x, params["dense/kernel"])
         return logits + params["dense/bias"][:, None, :], moments
 
     def _task_conv(self, x: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
@@ -356,19 +280,18 @@ class VGGBackbone(keras.layers.Layer):
         config = super().get_config()
         config.update(n_way=self.n_way, image_shape=self.image_shape,
                       num_filters=self.num_filters, num_stages=self.num_stages,
-                      max_pooling=self.max_pooling, num_steps=self.num_steps,
-                      per_step_bn=self.per_step_bn, bn_stats=self.bn_stats,
-                      pool_impl=self.pool_impl, context_size=self.context_size)
+                      max_pooling=self.max_pooling, pool_impl=self.pool_impl)
         return config
 
 
-def _count(x: tf.Tensor, axes: Sequence[int],
-           context: int | tf.Tensor | None) -> int | tf.Tensor:
-    """Elements per channel that batch statistics over `axes` reduce (static when known).
 
-    With a `context`, only the first `context` entries along `axes[0]` count.
+@register_backbone("vgg")
+def _build_vgg(config, **common) -> VGGBackbone:
+    """The paper's network from `num_filters`, `num_stages` and `max_pooling`.
+
+    Under `jit_compile` it pools with `reduce_max` over a reshape, whose second
+    derivative XLA computes exactly.
     """
-    sizes = [tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in axes]
-    if context is not None:
-        sizes[0] = context
-    return math.prod(sizes)
+    return VGGBackbone(num_filters=config.num_filters, num_stages=config.num_stages,
+                       max_pooling=config.max_pooling,
+                       pool_impl="reshape" if config.jit_compile else "max_pool", **common)

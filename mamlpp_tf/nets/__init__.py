@@ -1,0 +1,39 @@
+"""Networks for meta-learning: the `Backbone` interface, its registry and the built-in networks.
+
+* `Backbone`, `check_backbone`: what the learner needs of a network (fast
+  weights as explicit arguments of its forward pass; `nets.base`).
+* `register_backbone`, `build_backbone`, `backbone_names`: the registry that
+  `--backbone` names (`nets.registry`).
+* Built in: `VGGBackbone` (`vgg`, the paper's network), `MLPBackbone` (`mlp`, the
+  original MAML's Omniglot MLP).
+* `PerStepBatchNorm`: MAML++'s per-step batch norm, which every network uses
+  (`nets.layers`).
+"""
+
+from mamlpp_tf.nets.base import (
+    Backbone,
+    BatchMoments,
+    FastWeightNetwork,
+    check_backbone,
+    has_task_batched_pass,
+)
+from mamlpp_tf.nets.layers import BN_STATS_MODES, CONTEXT_BN_STATS, PerStepBatchNorm
+from mamlpp_tf.nets.mlp import MLPBackbone
+from mamlpp_tf.nets.registry import backbone_names, build_backbone, register_backbone
+from mamlpp_tf.nets.vgg import VGGBackbone
+
+__all__ = [
+    "BN_STATS_MODES",
+    "CONTEXT_BN_STATS",
+    "Backbone",
+    "BatchMoments",
+    "FastWeightNetwork",
+    "MLPBackbone",
+    "PerStepBatchNorm",
+    "VGGBackbone",
+    "backbone_names",
+    "build_backbone",
+    "check_backbone",
+    "has_task_batched_pass",
+    "register_backbone",
+]
