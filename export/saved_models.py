@@ -199,7 +199,7 @@ def meta_archive(learner: MamlPlusPlus,
 
     archive = keras.export.ExportArchive()
     archive.track(learner.backbone)
-    archive.track(learner.lslr)
+    archive.track(learner.update_rule)
     signatures = _meta_signatures(image_shape)
     archive.add_endpoint("serving_default", respond, input_signature=signatures["images"])
     archive.add_endpoint("predict_encoded", predict_encoded,
@@ -325,6 +325,8 @@ def _info(kind: str, config: RunConfig, model_dir: str, epoch: int,
                 n_way=config.learner.n_way,
                 image_shape=list(config.learner.image_shape),
                 inner_steps=config.learner.eval_inner_steps,
+                update_rule=config.learner.update_rule,
+                adapt=config.learner.adapt,
                 preprocessing=preprocessing.to_dict(),
                 **extra)
 

@@ -107,18 +107,20 @@ def check_labels(config: LearnerConfig, name: str, labels, images_name: str,
 
 
 def checked_steps(config: LearnerConfig, num_steps: int | None) -> int:
-    """`num_steps`, defaulting to `eval_inner_steps`, within `[1, inner_steps]`.
+    """`num_steps`, defaulting to `eval_inner_steps`, at least 1.
+
+    Steps beyond `inner_steps` reuse the last trained step's batch-norm row
+    and rates (`InnerLoop.trained_step`).
 
     Raises:
-      ValueError: if it is outside: per-step batch norm and LSLR have
-        `inner_steps` rows.
+      ValueError: if it is below 1.
     """
     if num_steps is None:
         return config.eval_inner_steps
-    if not 1 <= num_steps <= config.inner_steps:
-        raise ValueError(f"num_steps={num_steps} must be in [1, inner_steps="
-                         f"{config.inner_steps}] (per-step batch norm and LSLR "
-                         "have one row per step)")
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be at least 1 (steps beyond "
+                         f"inner_steps={config.inner_steps} reuse the last trained step's "
+                         "batch-norm row and inner learning rates)")
     return num_steps
 
 

@@ -25,6 +25,9 @@ DTYPES = ("float32", "float64")
 OMNIGLOT_SPLITS = omniglot.SPLITS
 STRATEGIES = ("default", "mirrored", "multi_worker")
 NAN_POLICIES = ("stop", "skip")
+# The inner update rules of `mamlpp_tf.update_rules` and the weights that adapt (inner_loop.py).
+INNER_UPDATES = ("lslr", "meta_sgd", "fixed")
+ADAPTED_WEIGHTS = ("all", "head", "body")
 
 
 def option(default: Any, help_text: str, *, lower: float | None = None,
@@ -149,11 +152,27 @@ class LearnerConfig:
         "MAML's Omniglot MLP: 256,128,64,64).", lower=1)
     inner_steps: int = option(5, "Inner-loop steps in meta-training (S).", lower=1)
     eval_inner_steps: int = option(
-        5, "Inner-loop steps at evaluation; at most --inner_steps (per-step batch norm and "
-        "LSLR have one row per training step).", lower=1)
-    inner_lr: float = option(0.1, "Initial (MAML++) or fixed (MAML) inner learning rate.")
+        5, "Inner-loop steps at evaluation (and in adapt, the task model and the meta-model); "
+        "steps beyond --inner_steps reuse the last trained step's per-step batch-norm row and "
+        "inner learning rates.", lower=1)
+    inner_lr: float = option(
+        0.1, "Initial (lslr, meta_sgd) or constant (fixed) inner learning rate.")
     learn_inner_lr: bool = option(
-        True, "LSLR: learn one inner learning rate per weight tensor and step.")
+        True, "Learn the inner learning rates; --nolearn_inner_lr is plain MAML's fixed rate, "
+        "the same as --inner_update=fixed.")
+    inner_update: str = option(
+        "lslr", "The inner update rule: lslr (MAML++: one learned rate per adapted tensor and "
+        "step), meta_sgd (Meta-SGD: one learned rate per weight element; "
+        "--meta_sgd_per_step), fixed (plain MAML: the constant --inner_lr).",
+        choices=INNER_UPDATES)
+    meta_sgd_per_step: bool = option(
+        True, "meta_sgd: one rate tensor per inner step (the per-element form of LSLR); "
+        "--nometa_sgd_per_step shares one across steps, as Li et al. 2017.")
+    adapt: str = option(
+        "all", "Which fast weights the inner loop adapts: all (MAML, MAML++), head (ANIL: the "
+        "classifier head only; the body's features are computed once per task and batch-norm "
+        "row and reused across steps), body (BOIL: everything but the head, whose inner rate "
+        "is zero).", choices=ADAPTED_WEIGHTS)
     per_step_bn: bool = option(
         True, "BNWB+BNRS: per-step batch-norm weights, biases and statistics; "
         "--noper_step_bn shares one set (plain MAML).")
@@ -176,7 +195,8 @@ class LearnerConfig:
     epochs: int = option(100, "Training epochs (also the cosine period).", lower=1)
     iterations_per_epoch: int = option(500, "Meta-iterations per epoch.", lower=1)
     grad_clip: float = option(
-        0.0, "Element-wise clip of network gradients (not LSLR); 0 = off (official: 10 for "
+        0.0, "Element-wise clip of the network's gradients (fast weights, batch norm, "
+        "TaskNorm's blend; never the inner learning rates); 0 = off (official: 10 for "
         "mini-ImageNet).", lower=0)
     adam_epsilon: float = option(
         1e-8, "Adam's epsilon (Keras convention, see README).", above=0, flag=False)
@@ -191,6 +211,11 @@ class LearnerConfig:
         None, "bfloat16: convolutions and the head's matmul in bfloat16, with float32 "
         "variables, batch norm, inner-loop updates and losses (benchmarks/README.md has its "
         "speed and accuracy). Unset: float32 throughout.", choices=COMPUTE_DTYPES)
+
+    @property
+    def update_rule(self) -> str:
+        """The inner update rule: `inner_update`, or `"fixed"` under `--nolearn_inner_lr`."""
+        return self.inner_update if self.learn_inner_lr else "fixed"
 
     @property
     def dtype_policy(self) -> str:
@@ -213,10 +238,10 @@ class LearnerConfig:
              "must give the widths of the 4 residual blocks"),
             (len(self.image_shape) == 3 and min(self.image_shape) >= 1,
              dict(image_shape=self.image_shape), "must be (H, W, C) with positive sizes"),
-            (self.eval_inner_steps <= self.inner_steps,
-             dict(eval_inner_steps=self.eval_inner_steps, inner_steps=self.inner_steps),
-             f"must be in [1, inner_steps={self.inner_steps}]: per-step batch norm and LSLR "
-             "have one row per training step"),
+            (self.learn_inner_lr or self.inner_update != "meta_sgd",
+             dict(learn_inner_lr=self.learn_inner_lr, inner_update=self.inner_update),
+             "is plain MAML's fixed rate (inner_update='fixed') and contradicts "
+             "inner_update='meta_sgd', whose rates are learned"),
             (self.bn_stats != "running" or self.per_step_bn,
              dict(bn_stats=self.bn_stats, per_step_bn=self.per_step_bn),
              "'running' needs per_step_bn (shared BN keeps no running statistics)"),

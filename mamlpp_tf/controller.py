@@ -258,8 +258,7 @@ class _Loop:
                                                   self.config.ensemble_top_k))
             _epoch_summaries(self.writers, learner, self.config, entry, self.iteration)
         else:  # The same saves as the chief's, in the same order.
-            distribute.write_as_non_chief(
-                tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr))
+            distribute.write_as_non_chief(tf.train.Checkpoint(**learner.checkpoint_items()))
             distribute.write_as_non_chief(self.manager.checkpoint)
         # Other workers may read this epoch's checkpoint (final test) once past here.
         distribute.barrier(self.strategy)
@@ -338,26 +337,31 @@ def _train_summaries(writer, trainer: Trainer, values: dict, iteration: int) -> 
 
 def _epoch_summaries(writers: dict, learner: MamlPlusPlus, config: RunConfig, entry: dict,
                      iteration: int) -> None:
-    """Validation metrics, MSL weights, every LSLR value and per-step BN summaries."""
+    """Validation metrics, MSL weights, the inner learning rates and per-step BN summaries."""
     with writers["val"].as_default(step=iteration):
         for key in ("loss", "accuracy", "ci95"):
             tf.summary.scalar(key, entry[key])
     epoch = entry["epoch"]
     msl_weights = schedules.msl_weights(epoch, config.learner.inner_steps,
                                         config.learner.msl_epochs)
+    groups = learner.variable_groups()
+    rule = learner.update_rule
     with writers["train"].as_default(step=iteration):
         for step, weight in enumerate(msl_weights):
             tf.summary.scalar(f"msl_weight/step_{step}", float(weight))
-        for name, value in learner.get_weights().items():
-            owner, _, rest = name.partition("/")
-            if owner == "lslr":
-                for step, rate in enumerate(value):
-                    tf.summary.scalar(f"lslr/{rest.replace('/', '_')}/step_{step}",
-                                      float(rate))
-            elif name.endswith(("/gamma", "/beta")):  # backbone/norm{i}/gamma or beta
-                for step, row in enumerate(np.atleast_2d(value)):
-                    tf.summary.histogram(f"bn/{rest}/step_{step}", row)
-                    tf.summary.scalar(f"bn/{rest}_mean/step_{step}", float(row.mean()))
+        for name, rate in groups["update_rule"].items():
+            tag = f"{rule.name}/{name.replace('/', '_')}"
+            rows = rate.numpy() if rule.per_step else rate.numpy()[None]
+            for step, row in enumerate(rows):
+                if row.ndim:  # Meta-SGD: a rate per element.
+                    tf.summary.histogram(f"{tag}/step_{step}", row)
+                    tf.summary.scalar(f"{tag}_mean/step_{step}", float(row.mean()))
+                else:
+                    tf.summary.scalar(f"{tag}/step_{step}", float(row))
+        for name, variable in groups["batch_norm"].items():  # {norm}/gamma or beta
+            for step, row in enumerate(np.atleast_2d(variable.numpy())):
+                tf.summary.histogram(f"bn/{name}/step_{step}", row)
+                tf.summary.scalar(f"bn/{name}_mean/step_{step}", float(row.mean()))
 
 
 def _seeds(config: RunConfig) -> dict:

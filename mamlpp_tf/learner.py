@@ -1,11 +1,12 @@
-"""`MamlPlusPlus`: the MAML++ meta-learner on one replica.
+"""`MamlPlusPlus`: the MAML++ meta-learner (and its variants) on one replica.
 
-On the inner loop (`mamlpp_tf.inner_loop`, which also describes a meta-batch)
-it builds the meta-loss, the mean over tasks of the task losses, with the
-multi-step loss and the derivative order annealed by epoch; one replica's
+On the inner loop and its parts (`mamlpp_tf.inner_loop`, which also describes
+a meta-batch: the adapted weights and the update rule) it builds the
+meta-loss, the mean over tasks of the task losses, with the multi-step loss
+and the derivative order annealed by epoch; one replica's
 share of a meta-step (its gradients and batch moments); evaluation; and the
-serving API: `adapt` and `predict`, and the weights by stable names.
-`mamlpp_tf.trainer.Trainer` all-reduces a replica's share, clips, withholds
+serving API: `adapt` and `predict`; and the variables by group and by stable
+name. `mamlpp_tf.trainer.Trainer` all-reduces a replica's share, clips, withholds
 non-finite updates and applies the outer optimiser.
 """
 
@@ -21,6 +22,12 @@ import tensorflow as tf
 from mamlpp_tf import batch_checks, inner_loop, schedules
 from mamlpp_tf.inner_loop import Batch, InnerLoop, PassRecord
 from mamlpp_tf.nets import CONTEXT_BN_STATS
+
+# The learner's variables by role (`MamlPlusPlus.variable_groups`), and those whose
+# gradients `--grad_clip` clips: never the inner learning rates' (as the official code).
+VARIABLE_GROUPS = ("network", "batch_norm", "normalisation", "update_rule",
+                   "running_statistics")
+CLIPPED_GROUPS = ("network", "batch_norm", "normalisation")
 
 
 class ReplicaGradients(NamedTuple):
@@ -42,11 +49,14 @@ class ReplicaGradients(NamedTuple):
 
 
 class MamlPlusPlus(InnerLoop):
-    """MAML++ (and, by configuration, plain MAML) for few-shot classification.
+    """MAML++ and its variants (MAML, ANIL, BOIL, Meta-SGD) for few-shot classification.
 
     The single-replica algorithm; it changes no variable but in `set_weights`.
     Train it with `mamlpp_tf.trainer.Trainer`, both built under
-    `strategy.scope()` to train with a distribution strategy.
+    `strategy.scope()` to train with a distribution strategy. What varies
+    between the variants are the inner loop's parts (`InnerLoop`): which fast
+    weights adapt (`config.adapt`) and the update rule that steps them
+    (`config.update_rule`).
 
     Args:
       config: The learner's hyper-parameters.
@@ -58,10 +68,12 @@ class MamlPlusPlus(InnerLoop):
     Attributes:
       config: The `LearnerConfig`.
       backbone: The network holding the fast weights' and per-step BN variables.
-      lslr: The `PerStepLearningRates` layer.
+      adapted: The names of the fast weights the inner loop adapts.
+      update_rule: The inner update rule (`mamlpp_tf.update_rules`).
 
     Raises:
-      TypeError: `backbone` lacks a member of `mamlpp_tf.nets.Backbone`.
+      TypeError: `backbone` lacks a member of `mamlpp_tf.nets.Backbone`, or
+        the `head_param_names` that `adapt="head"|"body"` needs.
       ValueError: `task_impl="batched"` for a network without `forward_tasks`.
     """
 
@@ -69,38 +81,81 @@ class MamlPlusPlus(InnerLoop):
 
     @property
     def network_variables(self) -> list[keras.Variable]:
-        """Trainable network weights: conv/dense kernels and biases, BN gamma/beta."""
+        """Trainable network weights: fast weights, BN gamma/beta, TaskNorm's blend."""
         return list(self.backbone.trainable_variables)
 
     @property
     def trainable_variables(self) -> list[keras.Variable]:
-        """Every meta-parameter: network, per-step BN gamma/beta and (if learned) LSLR."""
-        return self.network_variables + list(self.lslr.trainable_variables)
+        """Every meta-parameter: the network's, then the update rule's learned rates."""
+        return self.network_variables + list(self.update_rule.trainable_variables)
 
     @property
     def running_stat_variables(self) -> list[keras.Variable]:
         """Per-step batch-norm running statistics (not trained by gradients)."""
         return list(self.backbone.non_trainable_variables)
 
+    def variable_groups(self) -> dict[str, dict[str, keras.Variable]]:
+        """Every variable of the learner by group, each by its name within its owner.
+
+        The groups, which together hold every variable once (`VARIABLE_GROUPS`):
+
+        * `network`: the fast weights `θ_0` (`backbone.param_names`), adapted
+          or not;
+        * `batch_norm`: each batch norm's gamma and beta (`{norm}/gamma`);
+        * `normalisation`: TaskNorm's blend `{norm}/alpha_scale`,
+          `{norm}/alpha_offset` (`bn_stats="tasknorm"` only, else empty);
+        * `update_rule`: the inner learning rates by the fast weight they step
+          (trainable unless the rule is `fixed`);
+        * `running_statistics`: the per-step running means and variances.
+
+        The trainer clips the gradients of `CLIPPED_GROUPS`; a checkpoint holds
+        the network's groups under `backbone` and the rates under `lslr`
+        (`checkpoint_items`); the summaries and the report show them by group.
+        """
+        groups: dict[str, dict[str, keras.Variable]] = {
+            group: {} for group in VARIABLE_GROUPS}
+        groups["network"].update(self.backbone.weights_by_name)
+        groups["update_rule"].update(self.update_rule.rates)
+        for norm in self.backbone.norms:
+            for variable in norm.variables:
+                kind = variable.name
+                group = ("batch_norm" if kind in ("gamma", "beta") else
+                         "normalisation" if kind in ("alpha_scale", "alpha_offset") else
+                         "running_statistics")
+                groups[group][f"{norm.name}/{kind}"] = variable
+        return groups
+
+    def checkpoint_items(self) -> dict[str, object]:
+        """The trackable parts a checkpoint of the model holds, by checkpoint key.
+
+        The update rule keeps the key `lslr` of the checkpoints written when
+        LSLR was the only rule, so every earlier run directory restores.
+        """
+        return dict(backbone=self.backbone, lslr=self.update_rule)
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """Every variable of the learner as a copy, by a stable name.
 
-        Names and layouts (`S` inner steps, `F` filters, `i` the stage):
+        Names and layouts (`S` inner steps), group by group (`variable_groups`):
 
-        * `backbone/conv{i}/kernel` `[3, 3, C_in, F]`: HWIO, TensorFlow's
-          `conv2d` layout (PyTorch's OIHW transposed by `(2, 3, 1, 0)`).
-        * `backbone/conv{i}/bias` `[F]`.
-        * `backbone/dense/kernel` `[features, n_way]`, rows in the row-major
-          order of the flattened `[H, W, F]` feature map; `backbone/dense/bias`
-          `[n_way]`.
-        * `backbone/norm{i}/gamma`, `.../beta`: `[S, F]` with per-step batch
-          norm (row `s` serves inner step `s`), else `[F]`.
-        * `backbone/norm{i}/running_mean`, `.../running_var` `[S, F]`: per-step
-          batch norm only.
-        * `backbone/norm{i}/alpha_scale`, `.../alpha_offset` `[S]` (per-step)
+        * `backbone/{name}` for each fast weight of `backbone.param_names`, in
+          the network's layout. The VGG's: `conv{i}/kernel` `[3, 3, C_in, F]`
+          (HWIO, TensorFlow's `conv2d` layout: PyTorch's OIHW transposed by
+          `(2, 3, 1, 0)`), `conv{i}/bias` `[F]`, `dense/kernel` `[features,
+          n_way]` with rows in the row-major order of the flattened `[H, W, F]`
+          feature map, `dense/bias` `[n_way]`.
+        * `backbone/{norm}/gamma`, `.../beta` for each batch norm of
+          `backbone.norms`: `[S, C]` with per-step batch norm (row `s` serves
+          inner step `s`), else `[C]`.
+        * `backbone/{norm}/alpha_scale`, `.../alpha_offset` `[S]` (per-step)
           or `[]`: `bn_stats="tasknorm"` only.
-        * `lslr/{name}` `[S]`: the inner learning rate of the fast weight
-          `backbone/{name}` at each inner step.
+        * The inner learning rates of the adapted fast weights (`adapted`):
+          `lslr/{name}` `[S]` under LSLR and the fixed rule, the rate of
+          `backbone/{name}` at each inner step; `meta_sgd/{name}` under
+          Meta-SGD, of the weight's shape, with a leading `[S]` (one row per
+          inner step) under `meta_sgd_per_step`.
+        * `backbone/{norm}/running_mean`, `.../running_var` `[S, C]`: per-step
+          batch norm only.
 
         Returns:
           `{name: array}`, network weights first, in network order.
@@ -137,11 +192,10 @@ class MamlPlusPlus(InnerLoop):
 
     def _named(self) -> dict[str, keras.Variable]:
         """The variables by the names of `get_weights`."""
-        named = {f"backbone/{name}": variable
-                 for name, variable in self.backbone.weights_by_name.items()}
-        for norm in self.backbone.norms:
-            named.update({f"backbone/{norm.name}/{v.name}": v for v in norm.variables})
-        named.update({f"lslr/{name}": rate for name, rate in self.lslr.rates.items()})
+        named = {}
+        for group, variables in self.variable_groups().items():
+            owner = self.update_rule.name if group == "update_rule" else "backbone"
+            named.update({f"{owner}/{name}": variable for name, variable in variables.items()})
         return named
 
     # ----------------------------------------------------------------- steps
@@ -242,20 +296,16 @@ class MamlPlusPlus(InnerLoop):
 
         Raises:
           ValueError: images or labels that do not fit the learner (see
-            `batch_checks`), or `num_steps` outside `[1, inner_steps]`.
+            `batch_checks`), or `num_steps` below 1.
         """
         num_steps = batch_checks.checked_steps(self.config, num_steps)
         shape = batch_checks.check_images(self.config, "support_x", support_x, "n")
         batch_checks.check_labels(self.config, "support_y", support_y, "support_x", shape[:1])
         params = self.backbone.initial_params()
+        passes = self._passes(batched=False)
         for step in range(num_steps):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(list(params.values()))
-                logits, _ = self.backbone.forward(support_x, params, step, False)
-                loss = inner_loop.cross_entropy(support_y, logits)
-            grads = tape.gradient(loss, params,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            params = self.lslr.update(params, grads, step)
+            params, _ = self.inner_step(passes, support_x, support_y, params, step,
+                                        training=False, second_order=False)
         return params
 
     def predict(self, images: tf.Tensor, params: dict[str, tf.Tensor],
@@ -263,8 +313,8 @@ class MamlPlusPlus(InnerLoop):
                 support_x: tf.Tensor | None = None) -> tf.Tensor:
         """Logits of `images [B, H, W, C]` under adapted weights `params`.
 
-        Batch norm uses the row of the last inner step, as the final query
-        pass of the inner loop does.
+        Batch norm uses the row of the last inner step (`trained_step`), as
+        the final query pass of the inner loop does.
 
         Args:
           images: Query images.
@@ -279,7 +329,7 @@ class MamlPlusPlus(InnerLoop):
 
         Raises:
           ValueError: if `bn_stats` needs `support_x` and it is missing, images
-            that do not fit the learner, or `num_steps` outside `[1, inner_steps]`.
+            that do not fit the learner, or `num_steps` below 1.
         """
         num_steps = batch_checks.checked_steps(self.config, num_steps)
         batch_checks.check_images(self.config, "images", images, "B")
@@ -290,6 +340,6 @@ class MamlPlusPlus(InnerLoop):
             batch_checks.check_images(self.config, "support_x", support_x, "n")
         else:
             support_x = None
-        logits, _ = self._query_pass(self.backbone.forward, support_x, images, params,
-                                     num_steps - 1, False, batch_axis=0)
+        logits, _ = self._query_pass(self._passes(batched=False), support_x, images, params,
+                                     self.trained_step(num_steps - 1), False, batch_axis=0)
         return logits

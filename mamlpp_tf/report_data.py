@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from mamlpp_tf import runs, tensorboard_scalars
 from mamlpp_tf.config import RunConfig
-from mamlpp_tf.nets import Backbone, build_backbone
+from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.nets import PerStepBatchNorm
 
-_VALUE_KEY = "/.ATTRIBUTES/VARIABLE_VALUE"
 # Training scalars `train` writes every --log_every iterations.
 _TRAIN_TAGS = ("loss", "accuracy", "meta_lr")
 
@@ -48,7 +48,10 @@ class Run:
       results: Final results (`results.json`), None if the run has not finished.
       iteration: Meta-iterations trained, as far as the checkpoints know.
       checkpoint: The checkpoint the heatmaps show.
-      lslr: Inner learning rates `[inner_steps]` by tensor name, network order.
+      inner_rates: The update rule's inner learning rates by adapted tensor
+        name, network order: `[inner_steps]` per-step rates (LSLR, fixed, and
+        Meta-SGD's mean over each tensor's elements), `[1]` for Meta-SGD's
+        rates shared by all steps.
       bn: Per batch-norm layer (pass order) its name, gamma and beta:
         `[inner_steps, channels]` with per-step BN, `[channels]` without.
       tasknorm_alpha: For `--bn_stats=tasknorm` runs, per batch-norm layer its
@@ -65,7 +68,7 @@ class Run:
     results: dict | None
     iteration: int
     checkpoint: Checkpoint
-    lslr: dict[str, np.ndarray]
+    inner_rates: dict[str, np.ndarray]
     bn: list[tuple[str, np.ndarray, np.ndarray]]
     tasknorm_alpha: list[tuple[str, np.ndarray]]
     train_scalars: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -86,7 +89,8 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
 
     Returns:
       The run, with variables from the best-validation epoch checkpoint if it
-      was kept, else from the latest training checkpoint.
+      was kept, else from the latest training checkpoint, read through the
+      learner the run's config describes (its variable groups).
 
     Raises:
       FileNotFoundError: `model_dir` holds no run or no checkpoint yet.
@@ -97,12 +101,12 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
     history = run.read_history()
     latest = tf.train.latest_checkpoint(run.latest_dir)
     checkpoint = _choose_checkpoint(run, history, latest)
-    reader = _Reader(checkpoint)
-    backbone = _describe_network(config)
+    learner = _restored_learner(config, checkpoint)
     if latest is not None:
         iteration = _checkpoint_number(latest)
     else:
         iteration = (max(run.kept_epochs()) + 1) * config.learner.iterations_per_epoch
+    norms = learner.backbone.norms
     return Run(
         model_dir=model_dir,
         label=label or os.path.basename(os.path.normpath(model_dir)),
@@ -111,12 +115,11 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
         results=run.read_results(),
         iteration=iteration,
         checkpoint=checkpoint,
-        lslr={name: reader.read(f"lslr/rate_{name.replace('/', '_')}")
-              for name in backbone.param_names},
-        bn=[(norm.name, reader.read(f"backbone/{norm.name}/gamma"),
-             reader.read(f"backbone/{norm.name}/beta")) for norm in backbone.norms],
-        tasknorm_alpha=(_tasknorm_alpha(reader, backbone, config.learner.n_way * config.k_shot)
-                        if config.learner.bn_stats == "tasknorm" else []),
+        inner_rates={name: _per_step(learner, rate.numpy())
+                     for name, rate in learner.variable_groups()["update_rule"].items()},
+        bn=[(norm.name, norm.gamma.numpy(), norm.beta.numpy()) for norm in norms],
+        tasknorm_alpha=([(norm.name, _tasknorm_alpha(norm, config.learner.n_way * config.k_shot))
+                         for norm in norms] if config.learner.bn_stats == "tasknorm" else []),
         train_scalars=tensorboard_scalars.read_scalars(
             os.path.join(run.tensorboard_dir, "train"), _TRAIN_TAGS))
 
@@ -146,39 +149,29 @@ def _checkpoint_number(path: str) -> int:
     return int(path.rsplit("-", 1)[-1])
 
 
-def _describe_network(config: RunConfig) -> Backbone:
-    """The run's backbone, built only for its tensor and layer names, in order."""
-    return build_backbone(config.learner)
+def _restored_learner(config: RunConfig, checkpoint: Checkpoint) -> MamlPlusPlus:
+    """The run's learner holding the model of `checkpoint` (its optimiser state left out).
+
+    Raises:
+      ValueError: the checkpoint does not hold the model `config.json` describes.
+    """
+    learner = MamlPlusPlus(config.learner)
+    status = tf.train.Checkpoint(**learner.checkpoint_items()).read(checkpoint.path)
+    try:
+        status.expect_partial().assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(f"checkpoint {checkpoint.path} does not match the run's config.json: "
+                         f"{str(error).splitlines()[0]}") from None
+    return learner
 
 
-def _tasknorm_alpha(reader: _Reader, backbone: Backbone,
-                    support_size: int) -> list[tuple[str, np.ndarray]]:
-    """TaskNorm's blend `sigmoid(a·n + b)` of each batch-norm layer at support size `n`."""
-    alphas = []
-    for norm in backbone.norms:
-        scale = reader.read(f"backbone/{norm.name}/alpha_scale")
-        offset = reader.read(f"backbone/{norm.name}/alpha_offset")
-        alpha = 1.0 / (1.0 + np.exp(-(scale * support_size + offset)))
-        alphas.append((norm.name, np.atleast_1d(alpha)))
-    return alphas
+def _per_step(learner: MamlPlusPlus, rate: np.ndarray) -> np.ndarray:
+    """A rate variable as one value per inner step: Meta-SGD's as its mean over elements."""
+    rows = rate if learner.update_rule.per_step else rate[None]
+    return rows.reshape(len(rows), -1).mean(axis=1)
 
 
-class _Reader:
-    """Variables of one checkpoint by their object path (`backbone/norm0/gamma`)."""
-
-    def __init__(self, checkpoint: Checkpoint):
-        self._checkpoint = checkpoint
-        self._reader = tf.train.load_checkpoint(checkpoint.path)
-
-    def read(self, key: str) -> np.ndarray:
-        """The value of `key`.
-
-        Raises:
-          ValueError: the checkpoint has no such variable, i.e. it was written
-            by a network other than the one `config.json` describes.
-        """
-        if not self._reader.has_tensor(key + _VALUE_KEY):
-            raise ValueError(
-                f"checkpoint {self._checkpoint.path} has no variable {key}: it does not "
-                "match the run's config.json")
-        return np.asarray(self._reader.get_tensor(key + _VALUE_KEY))
+def _tasknorm_alpha(norm: PerStepBatchNorm, support_size: int) -> np.ndarray:
+    """TaskNorm's blend `sigmoid(a·n + b)` of one batch-norm layer at support size `n`."""
+    scale, offset = norm.alpha_scale.numpy(), norm.alpha_offset.numpy()
+    return np.atleast_1d(1.0 / (1.0 + np.exp(-(scale * support_size + offset))))

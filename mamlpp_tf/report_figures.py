@@ -1,4 +1,4 @@
-"""The report's figures: LSLR and BN heatmaps, MSL and meta-LR schedules, curves.
+"""The report's figures: inner-rate and BN heatmaps, MSL and meta-LR schedules, curves.
 
 Figures are drawn on `matplotlib.figure.Figure` objects directly (no pyplot,
 hence no GUI backend and no global state); the exact values each one shows
@@ -18,17 +18,23 @@ import numpy as np
 from mamlpp_tf import schedules
 from mamlpp_tf.report_data import Run
 
+# How each update rule's rates are described in the heatmap's title.
+# Meta-SGD's cells are the means of each tensor's per-element rates.
+_RATE_KINDS = {"lslr": "LSLR, learned", "fixed": "fixed, not learned",
+               "meta_sgd": "Meta-SGD means"}
+
 
 def lslr_figure(run: Run) -> Figure:
-    """Heatmap of the inner learning rates: tensors (network order) × inner steps.
+    """Heatmap of the inner learning rates: adapted tensors (network order) × inner steps.
 
-    The colour map is diverging and symmetric around 0, so rates the model
-    turned negative (gradient ascent on that tensor at that step) stand out.
+    One column per inner step (one in all for Meta-SGD's rates shared by all
+    steps). The colour map is diverging and symmetric around 0, so rates the
+    model turned negative (gradient ascent on that tensor at that step) stand out.
     """
-    names = list(run.lslr)
-    values = np.stack([run.lslr[name] for name in names]).astype(np.float64)
+    names = list(run.inner_rates)
+    values = np.stack([run.inner_rates[name] for name in names]).astype(np.float64)
     limit = float(np.abs(values).max()) or 1.0
-    kind = "learned" if run.config.learner.learn_inner_lr else "fixed, not learned"
+    kind = _RATE_KINDS[run.config.learner.update_rule]
     figure = Figure(figsize=(1.6 + 0.9 * values.shape[1], 1.4 + 0.32 * len(names)),
                     layout="constrained")
     axes = figure.add_subplot()

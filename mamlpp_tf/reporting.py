@@ -107,6 +107,7 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
         lines.append(
             f"- **{run.label}** (`{run.model_dir}`): {config.dataset} "
             f"{learner.n_way}-way {config.k_shot}-shot, {learner.backbone} network, "
+            f"adapting {learner.adapt} with the {learner.update_rule} update rule, "
             f"{learner.inner_steps} inner "
             f"steps, {learner.epochs} epochs × {learner.iterations_per_epoch} "
             f"iterations; heatmaps from {run.checkpoint.description}.")
@@ -119,9 +120,10 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
     ]
     lines += tasknorm_tables(runs_)
     sections = [
-        ("lslr_", "Learned inner learning rates (LSLR)",
-         "One rate per weight tensor (rows, network order) and inner step (columns); "
-         "blue is negative."),
+        ("lslr_", "Inner learning rates",
+         "The update rule's rates of each adapted weight tensor (rows, network order) per "
+         "inner step (columns): LSLR's (or the fixed rate), or the mean of Meta-SGD's "
+         "per-element rates; blue is negative."),
         ("bn_", "Per-step batch norm",
          "L2 norm over channels of gamma and beta per step."),
         ("msl_weights", "Multi-step loss weights",

@@ -4,9 +4,9 @@ Layout of `--model_dir`:
 
     config.json              the resolved RunConfig (written once the run has passed
                              every check, checked on resume)
-    checkpoints/latest/      tf.train.CheckpointManager: model, LSLR, optimizer
+    checkpoints/latest/      tf.train.CheckpointManager: model, update rule, optimizer
                              (its iteration counter is the task-stream position)
-    checkpoints/epoch_NNN/   model + LSLR after epoch NNN, kept for the top-k
+    checkpoints/epoch_NNN/   model + update rule after epoch NNN, kept for the top-k
                              validation epochs
     history.json             validation results per finished epoch
     results.json             final test results (present = run finished)
@@ -180,7 +180,7 @@ class RunDir:
         """Manager of the full training state (two kept, so one can fall back).
 
         Args:
-          trainer: Its learner's model and LSLR, and its optimizer, are saved.
+          trainer: Its learner's model and update rule, and its optimizer, are saved.
           counters: Extra progress variables saved alongside (e.g. iteration).
         """
         checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **(counters or {}))
@@ -191,7 +191,7 @@ class RunDir:
         return os.path.join(self.checkpoint_dir, f"epoch_{epoch:03d}")
 
     def save_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
-        """Saves the model (network, per-step BN, LSLR) after `epoch`.
+        """Saves the model (network, per-step BN, update rule) after `epoch`.
 
         Written to `.tmp_epoch_NNN/` and published (see the module docstring):
         a kill leaves the epoch either complete or not counted as kept.
@@ -199,7 +199,7 @@ class RunDir:
         final = self.epoch_path(epoch)
         temporary = os.path.join(self.checkpoint_dir, _TEMPORARY + os.path.basename(final))
         _remove_tree(temporary)
-        checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
+        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
         checkpoint.write(os.path.join(temporary, "model"))
         _remove_tree(final)
         files.publish_dir(temporary, final, _EPOCH_COMMIT)
@@ -213,7 +213,7 @@ class RunDir:
         path = self.epoch_path(epoch)
         if not tf.io.gfile.exists(os.path.join(path, _EPOCH_COMMIT)):
             raise FileNotFoundError(f"no checkpoint of epoch {epoch} in {self.checkpoint_dir}")
-        checkpoint = tf.train.Checkpoint(backbone=learner.backbone, lslr=learner.lslr)
+        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
         checkpoint.read(os.path.join(path, "model")).assert_existing_objects_matched()
 
     def kept_epochs(self) -> list[int]:

@@ -3,7 +3,9 @@
 This is what `export/` serves as a plain classifier and what the final test
 scores as the *served* accuracy next to the protocol's. A `task_network` is a
 one-step copy of the learner's network; `bake_task` stores in it the weights
-adapted to a support set, the batch-norm gamma/beta of the last inner step and
+adapted to a support set (by `learner.adapt`, whatever the variant: only the
+adapted weights differ from the meta-parameters), the batch-norm gamma/beta of
+the last inner step (the last trained one's when evaluation takes more steps) and
 fixed normalisation statistics, so that an image's answer never depends on the
 other images of a request. The statistics (`bn_stats`):
 
@@ -93,7 +95,8 @@ def bake_task(learner: MamlPlusPlus, network: Backbone, support_x: tf.Tensor,
       ValueError: as `check_bn_stats`.
     """
     check_bn_stats(learner.config, bn_stats)
-    step = learner.config.eval_inner_steps - 1
+    # The batch-norm row of the last evaluation step (the last trained one's beyond them).
+    step = learner.trained_step(learner.config.eval_inner_steps - 1)
     params = learner.adapt(support_x, support_y)
     if bn_stats == "running":
         statistics = [(tf.convert_to_tensor(norm.running_mean)[step],

@@ -2,10 +2,11 @@
 
 The learner (`MamlPlusPlus`) computes one replica's share of a meta-step;
 the trainer runs it on every replica of the strategy (`strategy.run`),
-all-reduces the gradients and batch moments once, clips the summed network
-gradients, withholds an update whose loss or gradient is not finite, applies
-the outer optimiser (Adam with the official per-epoch cosine schedule) and
-moves the batch-norm running statistics. With one device every reduction is
+all-reduces the gradients and batch moments once, clips the summed gradients
+of the network's variable groups (never the inner learning rates'), withholds
+an update whose loss or gradient is not finite, applies the outer optimiser
+(Adam with the official per-epoch cosine schedule) and moves the batch-norm
+running statistics. With one device every reduction is
 the identity and this is the plain step. As in TF Model Garden, where a Task
 holds the single-replica maths and a Trainer the strategy and the optimiser.
 `mamlpp_tf.controller` runs the training loop around it.
@@ -20,7 +21,7 @@ import tensorflow as tf
 
 from mamlpp_tf import batch_checks, schedules
 from mamlpp_tf.inner_loop import Batch, PassRecord
-from mamlpp_tf.learner import MamlPlusPlus, ReplicaGradients
+from mamlpp_tf.learner import CLIPPED_GROUPS, MamlPlusPlus, ReplicaGradients
 from mamlpp_tf.nets import BatchMoments
 
 
@@ -95,8 +96,7 @@ class Trainer:
 
     def checkpoint_items(self) -> dict[str, object]:
         """The trackable objects a `tf.train.Checkpoint` of the training state must hold."""
-        return dict(backbone=self.learner.backbone, lslr=self.learner.lslr,
-                    optimizer=self.optimizer)
+        return dict(**self.learner.checkpoint_items(), optimizer=self.optimizer)
 
     # --------------------------------------------------------------- training
 
@@ -203,12 +203,19 @@ class Trainer:
         return self._strategy.experimental_local_results(value)[0]
 
     def _clip(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise clip of the summed network gradients, never LSLR's (as officially)."""
+        """Element-wise clip of the summed gradients of the learner's `CLIPPED_GROUPS`.
+
+        The network's, batch norm's and TaskNorm's gradients are clipped, the
+        inner learning rates' never (as officially).
+        """
         clip = self.learner.config.grad_clip
         if not clip:
             return grads
-        n = len(self.learner.network_variables)
-        return [tf.clip_by_value(g, -clip, clip) for g in grads[:n]] + list(grads[n:])
+        groups = self.learner.variable_groups()
+        clipped = {id(variable) for group in CLIPPED_GROUPS
+                   for variable in groups[group].values()}
+        return [tf.clip_by_value(g, -clip, clip) if id(variable) in clipped else g
+                for g, variable in zip(grads, self.learner.trainable_variables)]
 
     def _jit_placement(self) -> tuple[bool, bool | None]:
         """Where XLA goes with `jit_compile`: `(per-replica computation, whole step)`.

@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 # those added since (the networks'): kind, default, and the enum values or the integer/float
 # lower bound.
 FLAGS_BEFORE = {
+    "adapt": ("enum", "all", ("all", "head", "body")),
     "backbone": ("string", "vgg", None),
     "bn_stats": ("enum", "batch", ("batch", "running", "support", "tasknorm")),
     "checkpoint_every": ("integer", 100, 1),
@@ -29,6 +30,7 @@ FLAGS_BEFORE = {
     "first_order_epochs": ("integer", -1, -1),
     "grad_clip": ("float", 0.0, 0),
     "inner_lr": ("float", 0.1, None),
+    "inner_update": ("enum", "lslr", ("lslr", "meta_sgd", "fixed")),
     "inner_steps": ("integer", 5, 1),
     "iterations_per_epoch": ("integer", 500, 1),
     "jit_compile": ("bool", False, None),
@@ -38,6 +40,7 @@ FLAGS_BEFORE = {
     "max_pooling": ("bool", True, None),
     "meta_batch_size": ("integer", 8, 1),
     "meta_lr": ("float", 0.001, 0),
+    "meta_sgd_per_step": ("bool", True, None),
     "mlp_hidden": ("list", ["256", "128", "64", "64"], None),
     "min_meta_lr": ("float", 1e-05, 0),
     "model_dir": ("string", None, None),
@@ -108,9 +111,11 @@ def test_the_network_takes_the_datasets_image_shape(dataset, extra, shape):
 
 
 @pytest.mark.parametrize("argv,lines", [
-    (["--eval_inner_steps=7", "--inner_steps=2", "--bn_stats=running", "--noper_step_bn"],
-     ["flags eval_inner_steps=7, inner_steps=2: eval_inner_steps must be in "
-      "[1, inner_steps=2]: per-step batch norm and LSLR have one row per training step",
+    (["--nolearn_inner_lr", "--inner_update=meta_sgd", "--bn_stats=running",
+      "--noper_step_bn"],
+     ["flags learn_inner_lr=False, inner_update=meta_sgd: learn_inner_lr is plain MAML's "
+      "fixed rate (inner_update='fixed') and contradicts inner_update='meta_sgd', whose "
+      "rates are learned",
       "flags bn_stats=running, per_step_bn=False: bn_stats 'running' needs per_step_bn "
       "(shared BN keeps no running statistics)"]),
     (["--dataset=omniglot", "--k_shot=15", "--n_query=6"],
@@ -184,14 +189,14 @@ def test_choices(config_class, field, value):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        LearnerConfig(inner_steps=2, eval_inner_steps=3, per_step_bn=False,
+        LearnerConfig(learn_inner_lr=False, inner_update="meta_sgd", per_step_bn=False,
                       bn_stats="running", meta_lr=1e-3, min_meta_lr=1e-2)
     assert [list(p.values) for p in error.value.problems] == [
-        ["eval_inner_steps", "inner_steps"], ["bn_stats", "per_step_bn"],
+        ["learn_inner_lr", "inner_update"], ["bn_stats", "per_step_bn"],
         ["min_meta_lr", "meta_lr"]]
     assert str(error.value).splitlines()[0] == (
-        "eval_inner_steps=3 must be in [1, inner_steps=2]: per-step batch norm and LSLR "
-        "have one row per training step.")
+        "learn_inner_lr=False is plain MAML's fixed rate (inner_update='fixed') and "
+        "contradicts inner_update='meta_sgd', whose rates are learned.")
 
 
 def test_combinations_wait_for_valid_fields():

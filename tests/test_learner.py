@@ -182,7 +182,9 @@ def test_short_meta_training_learns_a_synthetic_task_family():
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="eval_inner_steps"):
-        LearnerConfig(inner_steps=3, eval_inner_steps=4)
+        LearnerConfig(inner_steps=3, eval_inner_steps=0)
+    with pytest.raises(ValueError, match="learn_inner_lr"):
+        LearnerConfig(learn_inner_lr=False, inner_update="meta_sgd")
     with pytest.raises(ValueError, match="bn_stats"):
         LearnerConfig(per_step_bn=False, bn_stats="running")
     with pytest.raises(ValueError, match="task_impl"):

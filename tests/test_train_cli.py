@@ -175,13 +175,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("extra,named", [
-    (["--eval_inner_steps=3"], "eval_inner_steps"),
+    (["--nolearn_inner_lr", "--inner_update=meta_sgd"], "learn_inner_lr"),
     (["--n_way=25"], "n_way=25"),
     (["--dataset=omniglot", "--k_shot=15", "--n_query=6"], "k_shot"),
     (["--bn_stats=running", "--noper_step_bn"], "per_step_bn"),
     (["--meta_batch_size=0"], "meta_batch_size"),
     (["--strategy=mirrored", "--cpu_replicas=3"], "meta_batch_size=2"),
-    (["--eval_inner_steps=7", "--bn_stats=running", "--noper_step_bn"], "; flags"),
+    (["--inner_update=meta_sgd", "--nolearn_inner_lr", "--bn_stats=running",
+      "--noper_step_bn"], "; flags"),
 ])
 def test_bad_flags_give_one_named_line(tmp_path, extra, named):
     code, _, stderr = run_job(str(tmp_path / "bad"), *extra)

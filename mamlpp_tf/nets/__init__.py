@@ -4,8 +4,9 @@
   weights as explicit arguments of its forward pass; `nets.base`).
 * `register_backbone`, `build_backbone`, `backbone_names`: the registry that
   `--backbone` names (`nets.registry`).
-* Built in: `VGGBackbone` (`vgg`, the paper's network), `MLPBackbone` (`mlp`, the
-  original MAML's Omniglot MLP).
+* Built in: `VGGBackbone` (`vgg`, the paper's network), `ResNet12Backbone`
+  (`resnet12`, ALFA/MeTAL's), `MLPBackbone` (`mlp`, the original MAML's Omniglot MLP).
+* `KerasBackbone`: any Keras model as a backbone (`nets.keras_model`).
 * `PerStepBatchNorm`: MAML++'s per-step batch norm, which every network uses
   (`nets.layers`).
 """
@@ -17,9 +18,11 @@ from mamlpp_tf.nets.base import (
     check_backbone,
     has_task_batched_pass,
 )
+from mamlpp_tf.nets.keras_model import KerasBackbone
 from mamlpp_tf.nets.layers import BN_STATS_MODES, CONTEXT_BN_STATS, PerStepBatchNorm
 from mamlpp_tf.nets.mlp import MLPBackbone
 from mamlpp_tf.nets.registry import backbone_names, build_backbone, register_backbone
+from mamlpp_tf.nets.resnet12 import ResNet12Backbone
 from mamlpp_tf.nets.vgg import VGGBackbone
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "Backbone",
     "BatchMoments",
     "FastWeightNetwork",
+    "KerasBackbone",
     "MLPBackbone",
     "PerStepBatchNorm",
+    "ResNet12Backbone",
     "VGGBackbone",
     "backbone_names",
     "build_backbone",

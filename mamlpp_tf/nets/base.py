@@ -48,8 +48,8 @@ class Backbone(Protocol):
     """What the learner needs of a network.
 
     Attributes:
-      param_names: Names of the adaptable tensors (the fast weights and the
-        LSLR keys), in network order.
+      param_names: Names of the adaptable tensors (the fast weights), in
+        network order.
       weights_by_name: The variables holding `θ_0`, by those names.
       norms: The network's `PerStepBatchNorm` layers in pass order (the
         moments `forward` returns follow it).
@@ -61,6 +61,20 @@ class Backbone(Protocol):
     A network may also have `forward_tasks(x, params, step, training, context)`:
     the same function for a stack of tasks (`x [T, B, ...]`, every fast weight
     with a leading task axis), which the `batched` task layout runs.
+
+    Optional members for the variants that adapt part of the network
+    (`--adapt=head|body`, see `head_names`):
+
+    * `head_param_names`: the names of `param_names` that belong to the
+      classifier head (the last layer's kernel and bias), in network order.
+    * `forward_body(x, params, step, training, context)` → `(features,
+      moments)` and `forward_head(features, params)` → `logits`, with
+      `forward = forward_head ∘ forward_body` (the head reads only the
+      `head_param_names` weights, the body only the others), and their
+      task-batched forms `forward_body_tasks` and `forward_head_tasks` beside
+      `forward_tasks`. With them ANIL computes the body's features once per
+      task and batch-norm row and reuses them across inner steps; without
+      them it runs the whole `forward` at every step (the same numbers).
     """
 
     param_names: Sequence[str]
@@ -119,6 +133,36 @@ def check_backbone(backbone: Any) -> None:
 def has_task_batched_pass(backbone: Backbone) -> bool:
     """Whether `backbone` has `forward_tasks`, the pass of the `batched` task layout."""
     return callable(getattr(backbone, "forward_tasks", None))
+
+
+def head_names(backbone: Backbone) -> list[str]:
+    """The classifier head's fast weights of `backbone`: its checked `head_param_names`.
+
+    Raises:
+      TypeError: `backbone` has no `head_param_names`.
+      ValueError: `head_param_names` is empty, names a weight outside
+        `param_names`, or names all of them (the body would be empty).
+    """
+    kind = type(backbone).__name__
+    if not hasattr(backbone, "head_param_names"):
+        raise TypeError(f"{kind} has no `head_param_names` (the names of its classifier "
+                        "head's fast weights, see mamlpp_tf.nets.Backbone): adapting only "
+                        "the head (adapt='head', ANIL) or only the body (adapt='body', BOIL) "
+                        "needs it")
+    head = list(backbone.head_param_names)
+    outside = [name for name in head if name not in backbone.param_names]
+    if not head or outside or len(set(head)) == len(backbone.param_names):
+        raise ValueError(f"{kind}.head_param_names must be some but not all of param_names; "
+                         f"got {head}" + (f" ({outside[0]!r} is not a fast weight)"
+                                          if outside else ""))
+    return [name for name in backbone.param_names if name in head]
+
+
+def has_body_head_split(backbone: Backbone, batched: bool) -> bool:
+    """Whether `backbone` has the body/head passes of the given task layout."""
+    suffix = "_tasks" if batched else ""
+    return all(callable(getattr(backbone, f"forward_{part}{suffix}", None))
+               for part in ("body", "head"))
 
 
 def moment_count(x: tf.Tensor, axes: Sequence[int],

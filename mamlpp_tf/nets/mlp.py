@@ -100,11 +100,16 @@ class MLPBackbone(FastWeightNetwork):
 
     @property
     def param_names(self) -> list[str]:
-        """Names of the adaptable tensors in network order (the LSLR keys)."""
+        """Names of the adaptable tensors in network order (the inner learning rates' keys)."""
         names = []
         for i in range(len(self.hidden)):
             names += [f"dense{i}/kernel", f"dense{i}/bias"]
-        return names + ["head/kernel", "head/bias"]
+        return names + self.head_param_names
+
+    @property
+    def head_param_names(self) -> list[str]:
+        """The classifier head's fast weights: the last dense layer's kernel and bias."""
+        return ["head/kernel", "head/bias"]
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Creates the kernels, biases and batch-norm layers (input shape from `image_shape`)."""
@@ -148,6 +153,20 @@ class MLPBackbone(FastWeightNetwork):
           `(logits [B, n_way], moments)`: the batch moments `[units]` of each
           batch-norm layer, for the caller's running-statistics update.
         """
+        features, moments = self.forward_body(x, params, step, training, context)
+        return self.forward_head(features, params), moments
+
+    def forward_body(self,
+                     x: tf.Tensor,
+                     params: dict[str, tf.Tensor],
+                     step: int,
+                     training: bool,
+                     context: int | tf.Tensor | None = None
+                     ) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """The hidden layers of `forward`: features `[B, hidden[-1]]` and the moments.
+
+        Args and moments as `forward`; reads only the hidden layers' weights of `params`.
+        """
         x = tf.reshape(x, [-1, self.input_features])
         moments: list[BatchMoments] = []
         for i, norm in enumerate(self.norms):
@@ -156,8 +175,12 @@ class MLPBackbone(FastWeightNetwork):
             x = self.normalize(norm, x, moments, step=step, training=training,
                                context=context)
             x = tf.nn.relu(x)
-        logits = self.low_precision(tf.linalg.matmul, x, params["head/kernel"])
-        return logits + params["head/bias"], moments
+        return x, moments
+
+    def forward_head(self, features: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The head of `forward`: logits `[B, n_way]` of features `[B, hidden[-1]]`."""
+        logits = self.low_precision(tf.linalg.matmul, features, params["head/kernel"])
+        return logits + params["head/bias"]
 
     def forward_tasks(self,
                       x: tf.Tensor,
@@ -182,6 +205,20 @@ class MLPBackbone(FastWeightNetwork):
         Returns:
           `(logits [T, B, n_way], moments)` with per-task moments `[T, units]`.
         """
+        features, moments = self.forward_body_tasks(x, params, step, training, context)
+        return self.forward_head_tasks(features, params), moments
+
+    def forward_body_tasks(self,
+                           x: tf.Tensor,
+                           params: dict[str, tf.Tensor],
+                           step: int,
+                           training: bool,
+                           context: int | tf.Tensor | None = None
+                           ) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """The hidden layers of `forward_tasks`: features `[T, B, hidden[-1]]`, moments.
+
+        Args and moments as `forward_tasks`; reads only the hidden layers' weights.
+        """
         tasks = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
         x = tf.reshape(x, [tasks, -1, self.input_features])
         moments: list[BatchMoments] = []
@@ -191,8 +228,13 @@ class MLPBackbone(FastWeightNetwork):
             x = self.normalize(norm, x, moments, step=step, training=training,
                                context=context, axes=(1,))
             x = tf.nn.relu(x)
-        logits = self.low_precision(tf.linalg.matmul, x, params["head/kernel"])
-        return logits + params["head/bias"][:, None, :], moments
+        return x, moments
+
+    def forward_head_tasks(self, features: tf.Tensor,
+                           params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The head of `forward_tasks`: logits `[T, B, n_way]` of features `[T, B, hidden[-1]]`."""
+        logits = self.low_precision(tf.linalg.matmul, features, params["head/kernel"])
+        return logits + params["head/bias"][:, None, :]
 
     def get_config(self) -> dict:
         """The constructor arguments, for Keras serialization."""

@@ -126,11 +126,16 @@ class VGGBackbone(FastWeightNetwork):
 
     @property
     def param_names(self) -> list[str]:
-        """Names of the adaptable tensors in network order (the LSLR keys)."""
+        """Names of the adaptable tensors in network order (the inner learning rates' keys)."""
         names = []
         for i in range(self.num_stages):
             names += [f"conv{i}/kernel", f"conv{i}/bias"]
-        return names + ["dense/kernel", "dense/bias"]
+        return names + self.head_param_names
+
+    @property
+    def head_param_names(self) -> list[str]:
+        """The classifier head's fast weights: the dense layer's kernel and bias."""
+        return ["dense/kernel", "dense/bias"]
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Creates the kernels, biases and batch-norm layers (input shape from `image_shape`)."""
@@ -185,6 +190,20 @@ class VGGBackbone(FastWeightNetwork):
           `(logits [B, n_way], moments)`: the batch moments of each batch-norm
           layer, for the caller's running-statistics update.
         """
+        features, moments = self.forward_body(x, params, step, training, context)
+        return self.forward_head(features, params), moments
+
+    def forward_body(self,
+                     x: tf.Tensor,
+                     params: dict[str, tf.Tensor],
+                     step: int,
+                     training: bool,
+                     context: int | tf.Tensor | None = None
+                     ) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """The conv stages of `forward`: flattened features `[B, features]` and the moments.
+
+        Args and moments as `forward`; reads only the conv weights of `params`.
+        """
         moments: list[BatchMoments] = []
         for i, norm in enumerate(self.norms):
             x = (self.low_precision(self._conv, x, params[f"conv{i}/kernel"]) +
@@ -198,8 +217,12 @@ class VGGBackbone(FastWeightNetwork):
             x = tf.reshape(x, [tf.shape(x)[0], -1])
         else:
             x = tf.reduce_mean(x, axis=[1, 2])
-        logits = self.low_precision(_matmul, x, params["dense/kernel"])
-        return logits + params["dense/bias"], moments
+        return x, moments
+
+    def forward_head(self, features: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The dense head of `forward`: logits `[B, n_way]` of features `[B, features]`."""
+        logits = self.low_precision(_matmul, features, params["dense/kernel"])
+        return logits + params["dense/bias"]
 
     def forward_tasks(self,
                       x: tf.Tensor,
@@ -232,6 +255,20 @@ class VGGBackbone(FastWeightNetwork):
         Returns:
           `(logits [T, B, n_way], moments)` with per-task moments `[T, C]`.
         """
+        features, moments = self.forward_body_tasks(x, params, step, training, context)
+        return self.forward_head_tasks(features, params), moments
+
+    def forward_body_tasks(self,
+                           x: tf.Tensor,
+                           params: dict[str, tf.Tensor],
+                           step: int,
+                           training: bool,
+                           context: int | tf.Tensor | None = None
+                           ) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """The conv stages of `forward_tasks`: features `[T, B, features]` and the moments.
+
+        Args and moments as `forward_tasks`; reads only the conv weights of `params`.
+        """
         tasks = x.shape[0]
         batch = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
         moments: list[BatchMoments] = []
@@ -251,8 +288,13 @@ class VGGBackbone(FastWeightNetwork):
             x = tf.reshape(x, [tasks, batch, -1])  # Flattened as in `forward`.
         else:
             x = tf.reduce_mean(x, axis=[2, 3])
-        logits = self.low_precision(tf.linalg.matmul, x, params["dense/kernel"])
-        return logits + params["dense/bias"][:, None, :], moments
+        return x, moments
+
+    def forward_head_tasks(self, features: tf.Tensor,
+                           params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The head of `forward_tasks`: logits `[T, B, n_way]` of features `[T, B, features]`."""
+        logits = self.low_precision(tf.linalg.matmul, features, params["dense/kernel"])
+        return logits + params["dense/bias"][:, None, :]
 
     def _task_conv(self, x: tf.Tensor, kernels: tf.Tensor) -> tf.Tensor:
         """Each task's activations convolved with its own kernel, one `conv2d` per task.
