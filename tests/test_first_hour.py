@@ -215,8 +215,8 @@ def test_adapt_and_predict_check_their_inputs():
         learner.adapt(support_x, support_y + 1)
     with pytest.raises(ValueError, match=r"support_x must be non-empty images \[n, 6, 6, 1\]"):
         learner.adapt(support_x[None], support_y)
-    with pytest.raises(ValueError, match=r"num_steps=3 must be in \[1, inner_steps=2\]"):
-        learner.adapt(support_x, support_y, num_steps=3)
+    with pytest.raises(ValueError, match=r"num_steps=0 must be at least 1"):
+        learner.adapt(support_x, support_y, num_steps=0)
     params = learner.adapt(support_x, support_y)
     with pytest.raises(ValueError, match=r"images must be non-empty images \[B, 6, 6, 1\]"):
         learner.predict(query_x[..., :3, :], params)
@@ -285,7 +285,10 @@ def test_help_lists_the_jobs_own_flags_without_tensorflow_load_notices():
     env["TF_CPP_MIN_LOG_LEVEL"] = "0"
     loud = subprocess.run([sys.executable, "-c", "import mamlpp_tf"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False, env=env)
-    assert "oneDNN custom operations are on" in loud.stderr
+    # Which notices TensorFlow prints depends on the CPU (no oneDNN notice on every one).
+    assert any(notice in loud.stderr for notice in (
+        "oneDNN custom operations are on",
+        "All log messages before absl::InitializeLog() is called")), loud.stderr[-2000:]
 
 
 def test_stderr_filter_drops_only_the_matching_lines():
