@@ -140,18 +140,8 @@ class MLPBackbone(FastWeightNetwork):
                 ) -> tuple[tf.Tensor, list[BatchMoments]]:
         """Logits of one task's images under fast weights `params`.
 
-        Args:
-          x: Images `[B, H, W, C]`.
-          params: Fast weights by name (see `param_names`).
-          step: Inner step selecting the per-step batch-norm row.
-          training: Meta-training pass (matters for `bn_stats="running"`).
-          context: The first `context` images are the context set: every batch
-            norm takes its statistics from them alone (see `PerStepBatchNorm`).
-            None: from all images.
-
-        Returns:
-          `(logits [B, n_way], moments)`: the batch moments `[units]` of each
-          batch-norm layer, for the caller's running-statistics update.
+        As `mamlpp_tf.nets.Backbone.forward` (arguments and returns as there): the
+        moments are those of each batch norm in `norms` order.
         """
         features, moments = self.forward_body(x, params, step, training, context)
         return self.forward_head(features, params), moments

@@ -186,18 +186,8 @@ class ResNet12Backbone(FastWeightNetwork):
                 ) -> tuple[tf.Tensor, list[BatchMoments]]:
         """Logits of one task's images under fast weights `params`.
 
-        Args:
-          x: Images `[B, H, W, C]`.
-          params: Fast weights by name (see `param_names`).
-          step: Inner step selecting the per-step batch-norm row.
-          training: Meta-training pass (matters for `bn_stats="running"`).
-          context: The first `context` images are the context set: every batch
-            norm takes its statistics from them alone (see `PerStepBatchNorm`).
-            None: from all images.
-
-        Returns:
-          `(logits [B, n_way], moments)`: the batch moments of each batch-norm
-          layer in `norms` order, for the caller's running-statistics update.
+        As `mamlpp_tf.nets.Backbone.forward` (arguments and returns as there): the
+        moments are those of each batch norm in `norms` order.
         """
         moments: list[BatchMoments] = []
         for block in range(NUM_BLOCKS):
