@@ -284,6 +284,9 @@ class KerasBackbone(keras.layers.Layer):
     Attributes:
       model: The converted clone.
       param_names: The fast weights' names, in model order.
+      head_param_names: The classifier head's fast weights (for
+        `adapt="head"|"body"`): those of the last layer, in model order, that
+        owns fast weights (normally the closing `Dense`).
       weights_by_name: The clone's variables holding `θ_0`, by those names.
       norms: The per-step batch norms, in the order the model runs them.
 
@@ -316,6 +319,9 @@ class KerasBackbone(keras.layers.Layer):
         weights_by_name = {f"{layer.name}/{_relative_path(layer, variable)}": variable
                            for layer in fast_layers for variable in layer.trainable_variables}
         self.param_names = list(weights_by_name)
+        head = fast_layers[-1].name + "/" if fast_layers else None
+        self.head_param_names = [name for name in self.param_names
+                                 if head and name.startswith(head)]
         # A read-only view: Keras and tf.train.Checkpoint track the variables through `model`.
         self.weights_by_name = types.MappingProxyType(weights_by_name)
         names = {id(variable): name for name, variable in weights_by_name.items()}

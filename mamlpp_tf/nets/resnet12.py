@@ -25,7 +25,9 @@ variables, batch norms as sub-layers) but `forward` takes the adaptable weights
 as a `params` dict keyed by stable names (`block0/conv0/kernel`, …,
 `block3/shortcut/kernel`, `head/kernel`, `head/bias`), so the inner loop never
 mutates a layer. It has no task-batched pass: the learner runs its tasks one
-after another (the `loop` layout, which `task_impl="auto"` picks).
+after another (the `loop` layout, which `task_impl="auto"` picks). Its
+`forward_body` / `forward_head` split lets ANIL (`adapt="head"`) compute the
+blocks' features once per task and reuse them at every inner step.
 """
 
 from __future__ import annotations
@@ -149,7 +151,12 @@ class ResNet12Backbone(FastWeightNetwork):
         """Names of the adaptable tensors in network order (the LSLR keys)."""
         names = [f"block{block}/{conv}/kernel" for block in range(NUM_BLOCKS)
                  for conv in BLOCK_CONVS]
-        return names + ["head/kernel", "head/bias"]
+        return names + self.head_param_names
+
+    @property
+    def head_param_names(self) -> list[str]:
+        """The classifier head's fast weights: the linear layer's kernel and bias."""
+        return ["head/kernel", "head/bias"]
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Creates the kernels, the head and the batch-norm layers (shapes from the arguments)."""
@@ -189,15 +196,32 @@ class ResNet12Backbone(FastWeightNetwork):
         As `mamlpp_tf.nets.Backbone.forward` (arguments and returns as there): the
         moments are those of each batch norm in `norms` order.
         """
+        features, moments = self.forward_body(x, params, step, training, context)
+        return self.forward_head(features, params), moments
+
+    def forward_body(self,
+                     x: tf.Tensor,
+                     params: dict[str, tf.Tensor],
+                     step: int,
+                     training: bool,
+                     context: int | tf.Tensor | None = None
+                     ) -> tuple[tf.Tensor, list[BatchMoments]]:
+        """The residual blocks and global pooling of `forward`: features `[B, widths[-1]]`.
+
+        Args and moments as `forward`; reads only the blocks' kernels of `params`.
+        """
         moments: list[BatchMoments] = []
         for block in range(NUM_BLOCKS):
             x = self._block(block, x, params, moments, step=step, training=training,
                             context=context)
             if block < len(POOL_PADDINGS):
                 x = self._pool(x, POOL_PADDINGS[block])
-        x = tf.reduce_mean(x, axis=[1, 2])
-        logits = self.low_precision(tf.linalg.matmul, x, params["head/kernel"])
-        return logits + params["head/bias"], moments
+        return tf.reduce_mean(x, axis=[1, 2]), moments
+
+    def forward_head(self, features: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The linear head of `forward`: logits `[B, n_way]` of features `[B, widths[-1]]`."""
+        logits = self.low_precision(tf.linalg.matmul, features, params["head/kernel"])
+        return logits + params["head/bias"]
 
     def _block(self, block: int, x: tf.Tensor, params: dict[str, tf.Tensor],
                moments: list[BatchMoments], *, step: int, training: bool,

@@ -112,6 +112,38 @@ def _variable_groups(learner: MamlPlusPlus) -> dict[str, list]:
     return groups
 
 
+@pytest.mark.parametrize("adapt", ["head", "body"], ids=["anil", "boil"])
+def test_partial_adaptation_meta_gradient_equals_finite_differences(network, adapt):
+    """ANIL and BOIL on every network: the second-order meta-gradient, and who adapts.
+
+    Where the network splits into body and head, its `forward` must be the
+    head's pass over the body's features (ANIL reuses those features across
+    inner steps); either way the weights outside the adapted set keep θ_0.
+    """
+    learner = make_learner(network, adapt=adapt)
+    backbone = learner.backbone
+    head = set(backbone.head_param_names)
+    batch = random_batch(learner.config, tasks=1, k_shot=2, n_query=2)
+    support_x = tf.constant(batch[0][0])
+    if hasattr(backbone, "forward_body"):
+        params = backbone.initial_params()
+        features, _ = backbone.forward_body(support_x, params, 0, True)
+        np.testing.assert_allclose(backbone.forward_head(features, params),
+                                   backbone.forward(support_x, params, 0, True)[0],
+                                   rtol=1e-12, atol=1e-14)
+    adapted = learner.adapt(support_x, tf.constant(batch[1][0]))
+    moved = {name for name in backbone.param_names
+             if not np.array_equal(adapted[name], backbone.weights_by_name[name].numpy())}
+    # A bias right before a batch norm gets no gradient, so not every adapted weight moves.
+    assert moved and all((name in head) == (adapt == "head") for name in moved), moved
+
+    _, grads = meta_gradient(learner, batch, epoch=0)
+    direction = [np.random.RandomState(2).randn(*g.shape) for g in grads]
+    analytic = sum(np.sum(g * d) for g, d in zip(grads, direction))
+    numeric = directional_fd(learner, batch, 0, direction, h=1e-7)
+    assert relative_error(analytic, numeric) < 1e-6, (analytic, numeric)
+
+
 def test_loop_layout_equals_batched_where_the_network_has_both(network):
     learner = make_learner(network, task_impl="loop")
     if not has_task_batched_pass(learner.backbone):
