@@ -1,15 +1,17 @@
 """Every built-in network on Omniglot 5-way 1-shot: accuracy, served accuracy, speed and memory.
 
 For each `--networks` entry this runs, one after the other:
-1. a timing process: MAML++ meta-iterations (second order, 5 inner steps, MSL
-   on, the meta-batch of the network's flagfile) and evaluation steps on
-   synthetic tensors of the Omniglot shape, timed as `meta_step.py` times them
-   (steps during which other processes used the CPU are discarded); its peak RSS;
-2. the short real-data schedule: `python -m mamlpp_tf.train` with the network's
-   flagfile (paper class split, 10 epochs × 50 iterations, seed 0, 600
-   validation and 600 test tasks) on a prepared TFDS directory; its test
-   accuracy (best validated epoch, 95 % CI over tasks), served accuracy (each
-   query alone through the exported task model) and peak RSS.
+1. a timing process (`flagfile_timing.py`): the learner of the network's
+   flagfile (second order, 5 inner steps, MSL on, the flagfile's meta-batch),
+   its meta-iterations and evaluation steps timed on synthetic episodes of
+   the Omniglot shape (steps during which other processes used the CPU are
+   discarded); its peak RSS;
+2. the short real-data schedule (`short_schedule.py`): `python -m
+   mamlpp_tf.train` with the network's flagfile (paper class split, 10 epochs
+   × 50 iterations, seed 0, 600 validation and 600 test tasks) on a prepared
+   TFDS directory; its test accuracy (best validated epoch, 95 % CI over
+   tasks), served accuracy (each query alone through the exported task model)
+   and peak RSS.
 Then it prints one JSON line per network and a Markdown table. A benchmark,
 not a test: the three networks take about an hour on 2 CPU cores.
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import app, flags
@@ -33,21 +34,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-# pylint: disable-next=wrong-import-position
-import meta_step  # noqa: E402  (its --steps, --max_foreign_cpu, --wait_idle flags apply)
+import flagfile_timing
+import short_schedule
+import timing
 
 FLAGFILES = {
     "vgg": "flags/omniglot_5way_1shot.cfg",
     "resnet12": "flags/resnet12_omniglot_5way_1shot.cfg",
     "mlp": "flags/mlp_omniglot_5way_1shot.cfg",
 }
-# The flagfiles' meta-batches: the paper's 16 for Omniglot 5-way 1-shot; ALFA's 2 for
-# ResNet-12, which runs tasks one after another (no task-batched pass), so that its traced
-# step grows with the tasks.
-META_BATCH = {"vgg": 16, "resnet12": 2, "mlp": 16}
 
 flags.DEFINE_list("networks", list(FLAGFILES), f"Networks, from: {', '.join(FLAGFILES)}.")
-flags.DEFINE_list("resnet12_widths", ["16", "32", "64", "128"],
+flags.DEFINE_list("resnet12_widths", ["8", "16", "32", "64"],
                   "ResNet-12's block widths in both the timing and the training run.")
 flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data", "tfds"),
                     "Prepared TFDS data dir holding omniglot/3.0.0.")
@@ -55,96 +53,38 @@ flags.DEFINE_string("out_dir", None, "Folder of the runs' directories (resumed i
 flags.DEFINE_bool("time", True, "Time each network's meta-iterations (on a quiet machine).")
 flags.DEFINE_bool("train", True, "Run (or read, if done) each network's short real-data "
                   "schedule.")
-flags.DEFINE_string("time_network", None, "Time this network here (used by the driver).")
+flags.DEFINE_integer("steps", 10, "Timed meta-iterations (and eval steps) after the first.",
+                     lower_bound=1)
+flags.DEFINE_float("max_foreign_cpu", 0.1, "Discard a timed step when other processes used "
+                   "more CPU than this fraction of its wall time.")
+flags.DEFINE_float("wait_idle", 0.0, "Seconds to wait at most for an idle machine before "
+                   "each timing process.")
 flags.register_validator("networks", lambda v: set(v) <= set(FLAGFILES),
                          message=f"--networks must be among {', '.join(FLAGFILES)}")
 FLAGS = flags.FLAGS
 
 
-def _widths_flag() -> str:
-    return "--resnet12_widths=" + ",".join(FLAGS.resnet12_widths)
-
-
-def time_network(network: str) -> dict:
-    """Times one network's meta-iterations and evaluation steps in this process."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    # pylint: disable-next=import-outside-toplevel
-    from mamlpp_tf import LearnerConfig, MamlPlusPlus, Trainer
-
-    learner = MamlPlusPlus(LearnerConfig(
-        n_way=5, image_shape=(28, 28, 1), backbone=network,
-        resnet12_widths=tuple(int(w) for w in FLAGS.resnet12_widths)))
-    trainer = Trainer(learner)
-    batch = tuple(tf.constant(a) for a in meta_step.synthetic_batch("omniglot_5way_1shot",
-                                                                    tasks=META_BATCH[network]))
-    timings = meta_step.time_case(lambda: trainer.train_step(batch, epoch=0)["loss"].numpy(),
-                                  lambda: trainer.eval_step(batch)["loss"].numpy(),
-                                  FLAGS.steps, FLAGS.max_foreign_cpu)
-    params = sum(int(v.shape.num_elements()) for v in learner.network_variables)
-    return dict(network=network, task_impl=learner._task_impl(1),  # pylint: disable=W0212
-                network_parameters=params, first_step_s=round(timings["first_s"], 2),
-                s_per_iteration=timings["train"]["median_s"],
-                timed_iterations=timings["train"]["samples"],
-                eval_s_per_step=timings["eval"]["median_s"])
-
-
-def _run(command: list[str], log_path: str | None = None) -> tuple[int, float, str]:
-    """Runs `command` from the repository root: `(status, peak RSS in MB, stdout)`."""
-    with open(log_path or os.devnull, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=log, text=True)
-        stdout = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)  # This child's own peak RSS.
-    # Reaped by wait4: tell Popen so that it does not wait for the process again.
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, round(usage.ru_maxrss / 1024, 1), stdout
+def _network_flags(network: str) -> list[str]:
+    """Flags after the network's flagfile: ResNet-12's narrower widths."""
+    return ["--resnet12_widths=" + ",".join(FLAGS.resnet12_widths)] if network == "resnet12" \
+        else []
 
 
 def _time(network: str) -> dict:
-    """Times `network` in a process of its own (its peak RSS is the timing's alone)."""
+    """Times `network`'s flagfile in a process of its own (its peak RSS is the timing's alone)."""
     if FLAGS.wait_idle:
-        meta_step._wait_idle(FLAGS.wait_idle)  # pylint: disable=protected-access
-    command = [sys.executable, os.path.abspath(__file__), f"--time_network={network}",
-               f"--steps={FLAGS.steps}", f"--max_foreign_cpu={FLAGS.max_foreign_cpu}",
-               _widths_flag()]
-    status, rss, stdout = _run(command)
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if status or not lines:
-        raise RuntimeError(f"timing {network} failed with exit status {status}")
-    return dict(json.loads(lines[-1]), timing_peak_rss_mb=rss)
-
-
-def _train(network: str) -> dict:
-    """The short real-data schedule of `network`: accuracies from its results.json.
-
-    A run finished by an earlier invocation (its `<network>.train.json` beside
-    the run directory) is read, not repeated.
-    """
-    model_dir = os.path.join(FLAGS.out_dir, network)
-    done = model_dir + ".train.json"
-    if not os.path.exists(done):
-        command = [sys.executable, "-m", "mamlpp_tf.train", f"--flagfile={FLAGFILES[network]}",
-                   f"--data_dir={FLAGS.data_dir}", "--nodownload", "--epochs=10",
-                   "--iterations_per_epoch=50", f"--model_dir={model_dir}"]
-        if network == "resnet12":
-            command.append(_widths_flag())
-        status, rss, _ = _run(command, log_path=model_dir + ".log")
-        if status:
-            return dict(train_error=f"exit status {status}; see {model_dir}.log")
-        with open(done, "w", encoding="utf-8") as stream:
-            json.dump(dict(train_peak_rss_mb=rss), stream)
-    with open(done, encoding="utf-8") as stream:
-        rss = json.load(stream)["train_peak_rss_mb"]
-    with open(os.path.join(model_dir, "results.json"), encoding="utf-8") as stream:
-        results = json.load(stream)
-    test = results["test"]
-    return dict(accuracy=round(test["accuracy"], 4), ci95=round(test["ci95"], 4),
-                served_accuracy=round(test["served_accuracy"], 4),
-                served_ci95=round(test["served_ci95"], 4),
-                served_bn_stats=test["served_bn_stats"], best_epoch=test["best_epoch"],
-                test_tasks=test["tasks"], training_wall_time_s=results["wall_time_s"],
-                train_peak_rss_mb=rss)
+        timing.wait_idle(FLAGS.wait_idle)
+    record = flagfile_timing.spawn(FLAGFILES[network], _network_flags(network), FLAGS.steps,
+                                   FLAGS.max_foreign_cpu)
+    if "error" in record:
+        raise RuntimeError(f"timing {network} failed: {record['error']}")
+    return dict(meta_batch=record["meta_batch"], task_impl=record["task_impl"],
+                network_parameters=record["network_parameters"],
+                first_step_s=record["trace_and_first_step_s"],
+                s_per_iteration=record["train_median_s"],
+                timed_iterations=record["train_samples"],
+                eval_s_per_step=record["eval_median_s"],
+                timing_peak_rss_mb=record["peak_rss_mb"])
 
 
 def _table(records: list[dict]) -> str:
@@ -154,11 +94,12 @@ def _table(records: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         name = r["network"] + (f" ({r['widths']})" if "widths" in r else "")
-        accuracy = (f"{r['accuracy']:.2%} ± {r['ci95']:.2%}" if "accuracy" in r else "—")
-        served = (f"{r['served_accuracy']:.2%} ± {r['served_ci95']:.2%}"
+        accuracy = (short_schedule.percent(r["accuracy"], r["ci95"])
+                    if "accuracy" in r else "—")
+        served = (short_schedule.percent(r["served_accuracy"], r["served_ci95"])
                   if "served_accuracy" in r else "—")
         params = f"{r['network_parameters']:,}" if "network_parameters" in r else "—"
-        lines.append(f"| {name} | {params} | {META_BATCH[r['network']]} | "
+        lines.append(f"| {name} | {params} | {r.get('meta_batch', '—')} | "
                      f"{r.get('s_per_iteration', '—')} | "
                      f"{r.get('eval_s_per_step', '—')} | {r.get('first_step_s', '—')} | "
                      f"{accuracy} | {served} | {r.get('timing_peak_rss_mb', '—')} / "
@@ -170,21 +111,19 @@ def main(argv: list[str]) -> None:
     """Times and trains each network; prints JSON lines, then the table."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.time_network:
-        print(json.dumps(time_network(FLAGS.time_network)), flush=True)
-        return
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     records = []
     for network in FLAGS.networks:
-        record = dict(network=network, cpu=meta_step._cpu_model())  # pylint: disable=W0212
+        record = dict(network=network, cpu=timing.cpu_model())
         if FLAGS.time:
             record.update(_time(network))
         if network == "resnet12":
             record["widths"] = "-".join(FLAGS.resnet12_widths)
         if FLAGS.train:
-            record.update(_train(network))
+            record.update(short_schedule.train(network, FLAGFILES[network], FLAGS.out_dir,
+                                               FLAGS.data_dir, _network_flags(network)))
         print(json.dumps(record), flush=True)
         records.append(record)
     print(_table(records))

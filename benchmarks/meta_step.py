@@ -64,24 +64,22 @@ meta-iteration, with peak_rss_mb no higher than official_peak_rss_mb).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import datetime
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 import numpy as np
-import psutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable as `python benchmarks/meta_step.py` from anywhere, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable-next=wrong-import-position
+import timing  # noqa: E402
 
 # name: (n_way, k_shot, queries per class, meta-batch, image shape, filters)
 CASES = {
@@ -93,7 +91,6 @@ INNER_STEPS = 5  # the paper's, in training and evaluation alike
 TARGET_SPEEDUP = 3.0  # goal per meta-iteration over the official code
 _OFFICIAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "official_step.py")
-_PROCESS = psutil.Process()
 
 flags.DEFINE_list("cases", list(CASES), f"Cases, from: {', '.join(CASES)}.")
 flags.DEFINE_list("impl", ["loop", "batched"], "Our task layouts: loop, batched, auto.")
@@ -141,98 +138,8 @@ def synthetic_batch(name: str, seed: int = 0, tasks: int | None = None
       and the same with queries per class for the query set.
     """
     n_way, k_shot, n_query, case_tasks, image_shape, _ = CASES[name]
-    tasks = tasks or case_tasks
-    rng = np.random.RandomState(seed)
-
-    def labels(per_class: int) -> np.ndarray:
-        return np.tile(np.repeat(np.arange(n_way), per_class), (tasks, 1)).astype(np.int32)
-
-    support_x = rng.rand(tasks, n_way * k_shot, *image_shape).astype(np.float32)
-    query_x = rng.rand(tasks, n_way * n_query, *image_shape).astype(np.float32)
-    return support_x, labels(k_shot), query_x, labels(n_query)
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy, all cores (steal counts)."""
-    times = psutil.cpu_times()
-    # Linux accounts guest time in user time as well; idle and iowait are not busy.
-    idle = sum(getattr(times, f, 0.0) for f in ("idle", "iowait", "guest", "guest_nice"))
-    return sum(times) - idle
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds this process (all its threads) has used."""
-    times = _PROCESS.cpu_times()
-    return times.user + times.system
-
-
-def _timed_steps(step: Callable[[], None], steps: int, max_foreign_cpu: float) -> dict:
-    """Wall and CPU time of `steps` calls that other processes left alone.
-
-    A call during which other processes used more than `max_foreign_cpu`
-    times its wall time in CPU seconds is discarded; at most `3 * steps`
-    calls are made, so a busy machine yields fewer samples, not a hang.
-    """
-    walls, cpus, discarded, foreign_total = [], [], 0, 0.0
-    for _ in range(3 * steps):
-        busy, own, start = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-        step()
-        wall = time.perf_counter() - start
-        cpu = _own_cpu_s() - own
-        foreign = max(0.0, _busy_cpu_s() - busy - cpu)
-        if foreign > max_foreign_cpu * wall:
-            discarded += 1
-            continue
-        walls.append(wall)
-        cpus.append(cpu)
-        foreign_total += foreign
-        if len(walls) == steps:
-            break
-    if not walls:
-        return dict(median_s=None, min_s=None, cpu_median_s=None, samples=0,
-                    discarded=discarded, foreign_cpu_frac=None)
-    return dict(median_s=round(statistics.median(walls), 4),
-                min_s=round(min(walls), 4),
-                cpu_median_s=round(statistics.median(cpus), 4),
-                samples=len(walls),
-                discarded=discarded,
-                foreign_cpu_frac=round(foreign_total / sum(walls), 3))
-
-
-def time_case(train: Callable[[], None], evaluate: Callable[[], None], steps: int,
-              max_foreign_cpu: float) -> dict:
-    """Times a first train step, `steps` more, a first eval step and `steps` more.
-
-    Args:
-      train: Runs one meta-iteration to completion.
-      evaluate: Runs one evaluation step to completion.
-      steps: Timed calls of each after its first.
-      max_foreign_cpu: See `_timed_steps`.
-
-    Returns:
-      `first_s`, `train` (a `_timed_steps` dict), `eval_first_s`, `eval`.
-    """
-    start = time.perf_counter()
-    train()
-    first = time.perf_counter() - start
-    train_times = _timed_steps(train, steps, max_foreign_cpu)
-    start = time.perf_counter()
-    evaluate()
-    eval_first = time.perf_counter() - start
-    return dict(first_s=first, train=train_times, eval_first_s=eval_first,
-                eval=_timed_steps(evaluate, steps, max_foreign_cpu))
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (psutil does not give it)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return timing.synthetic_episodes(n_way, k_shot, n_query, tasks or case_tasks, image_shape,
+                                     seed)
 
 
 def make_record(code: str, name: str, timings: dict, second_order: bool, **details) -> dict:
@@ -241,7 +148,7 @@ def make_record(code: str, name: str, timings: dict, second_order: bool, **detai
     Args:
       code: "mamlpp_tf" (ours) or "official".
       name: The case, a key of `CASES`.
-      timings: What `time_case` returned.
+      timings: What `timing.time_case` returned.
       second_order: Whether the meta-gradients were second order.
       **details: Code-specific keys (layout, XLA, framework version...).
 
@@ -270,7 +177,7 @@ def make_record(code: str, name: str, timings: dict, second_order: bool, **detai
         eval_median_s=evaluation["median_s"],
         # ru_maxrss: psutil's memory_info() has the current RSS only, not the peak.
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        cpu=_cpu_model(),
+        cpu=timing.cpu_model(),
         cpus=os.cpu_count(),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
@@ -296,7 +203,7 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
     def train():
         trainer.train_step(batch, epoch=0)["loss"].numpy()
 
-    timings = time_case(train, lambda: trainer.eval_step(batch)["loss"].numpy(), steps,
+    timings = timing.time_case(train, lambda: trainer.eval_step(batch)["loss"].numpy(), steps,
                         max_foreign_cpu)
     record = make_record("mamlpp_tf", name, timings, not first_order, impl=impl,
                          jit_compile=jit_compile, compute_dtype=compute_dtype,
@@ -330,7 +237,7 @@ def efficiency(trainer, batch, record: dict, first_order: bool) -> dict:
     peaks = {}
     for dtype in ("float32", "bfloat16"):
         run, flop = flops.peak_matmul(tf.as_dtype(dtype))
-        best = _timed_steps(run, 5, FLAGS.max_foreign_cpu)["min_s"]
+        best = timing.timed_steps(run, 5, FLAGS.max_foreign_cpu)["min_s"]
         peaks[dtype] = None if best is None else round(flop / best / 1e9, 1)
     keys = dict(peak_gflops=peaks[record["compute_dtype"]],
                 peak_gflops_float32=peaks["float32"], peak_gflops_bfloat16=peaks["bfloat16"])
@@ -361,20 +268,10 @@ def case_flops(name: str, training: bool, second_order: bool) -> int:
                                 second_order=second_order)
 
 
-def _wait_idle(max_wait_s: float, busy_cores: float = 0.2) -> None:
-    """Waits until other processes use under `busy_cores` cores (2 s windows)."""
-    deadline = time.monotonic() + max_wait_s
-    while time.monotonic() < deadline:
-        busy = _busy_cpu_s()
-        time.sleep(2.0)
-        if (_busy_cpu_s() - busy) / 2.0 < busy_cores:
-            return
-
-
 def _spawn(command: list[str], record: dict) -> dict:
     """Runs one configuration's process; its JSON record, or `record` with an error."""
     if FLAGS.wait_idle:
-        _wait_idle(FLAGS.wait_idle)
+        timing.wait_idle(FLAGS.wait_idle)
     common = [f"--cases={record['case']}", f"--steps={FLAGS.steps}",
               f"--max_foreign_cpu={FLAGS.max_foreign_cpu}",
               f"--first_order={FLAGS.first_order}"]

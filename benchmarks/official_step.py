@@ -45,6 +45,7 @@ from absl import app
 import numpy as np
 
 import meta_step  # same directory; defines the flags read here
+import timing
 
 # Our case: the official experiment config with the same shapes.
 CONFIGS = {
@@ -163,7 +164,7 @@ def run_official(name: str, repo: str, steps: int, first_order: bool,
     with contextlib.redirect_stdout(sys.stderr):
         model = system.MAMLFewShotClassifier(im_shape=(tasks, channels, height, width),
                                              device=torch.device("cpu"), args=args)
-        timings = meta_step.time_case(
+        timings = timing.time_case(
             lambda: model.run_train_iter(batch, epoch=0)[0]["loss"].item(),
             lambda: model.run_validation_iter(batch)[0]["loss"].item(), steps,
             max_foreign_cpu)
