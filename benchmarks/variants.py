@@ -22,6 +22,8 @@ It prints one JSON line per measurement, then two Markdown tables:
 
     python benchmarks/variants.py --out_dir=/tmp/variants --wait_idle=60
     python benchmarks/variants.py --out_dir=/tmp/v --train=false --steps=5   # speed only
+    python benchmarks/variants.py --out_dir=/tmp/v --train=false \
+        --variants=maml++,anil,anil_per_step_bn --timing_shapes=omniglot_20way_1shot
 
 Targets (Raghu et al., ICLR 2020, with a 4-conv network): ANIL at least 1.7×
 MAML++'s speed per meta-iteration and 4× per evaluation step at Omniglot
@@ -50,9 +52,20 @@ MAMLPP_FLAGFILES = {
     "omniglot_5way_1shot": "flags/omniglot_5way_1shot.cfg",
     "mini_imagenet_5way_1shot": "flags/mini_imagenet_5way_1shot.cfg",
 }
-VARIANTS = ("maml++", "anil", "boil", "meta_sgd")
+# Each variant: its flagfiles' prefix (none: MAML++'s own) and flags after the flagfile.
+# `anil_per_step_bn` is ANIL with MAML++'s per-step batch norm, which makes the body's pass
+# differ from step to step: it separates what the frozen body saves from what sharing one
+# batch norm across steps saves.
+VARIANTS = {
+    "maml++": (None, []),
+    "anil": ("anil", []),
+    "boil": ("boil", []),
+    "meta_sgd": ("meta_sgd", []),
+    "anil_per_step_bn": ("anil", ["--per_step_bn"]),
+}
+DEFAULT_VARIANTS = ["maml++", "anil", "boil", "meta_sgd"]
 
-flags.DEFINE_list("variants", list(VARIANTS), f"Variants, from: {', '.join(VARIANTS)} "
+flags.DEFINE_list("variants", DEFAULT_VARIANTS, f"Variants, from: {', '.join(VARIANTS)} "
                   "(speed-ups need maml++).")
 flags.DEFINE_list("timing_shapes", ["omniglot_20way_1shot", "mini_imagenet_5way_1shot"],
                   f"Shapes to time, from: {', '.join(MAMLPP_FLAGFILES)}.")
@@ -82,7 +95,8 @@ FLAGS = flags.FLAGS
 
 def flagfile(variant: str, shape: str) -> str:
     """The flagfile of `variant` at `shape`, relative to the repository root."""
-    return MAMLPP_FLAGFILES[shape] if variant == "maml++" else f"flags/{variant}_{shape}.cfg"
+    prefix, _ = VARIANTS[variant]
+    return MAMLPP_FLAGFILES[shape] if prefix is None else f"flags/{prefix}_{shape}.cfg"
 
 
 def _speedup(reference: float | None, value: float | None) -> float | None:
@@ -96,8 +110,10 @@ def time_shape(shape: str) -> list[dict]:
     for variant in sorted(FLAGS.variants, key=lambda v: v != "maml++"):
         if FLAGS.wait_idle:
             timing.wait_idle(FLAGS.wait_idle)
+        extra = VARIANTS[variant][1]
         record = dict(variant=variant, shape=shape, flagfile=flagfile(variant, shape),
-                      **flagfile_timing.spawn(flagfile(variant, shape), [], FLAGS.steps,
+                      extra_flags=extra,
+                      **flagfile_timing.spawn(flagfile(variant, shape), extra, FLAGS.steps,
                                               FLAGS.max_foreign_cpu))
         records.append(record)
     reference = records[0] if records and records[0]["variant"] == "maml++" else {}
@@ -107,6 +123,11 @@ def time_shape(shape: str) -> list[dict]:
         record["eval_speedup_vs_maml++"] = _speedup(reference.get("eval_median_s"),
                                                     record.get("eval_median_s"))
     return records
+
+
+def _flags(record: dict) -> str:
+    """The record's flagfile and extra flags, as a Markdown cell."""
+    return " ".join(f"`{part}`" for part in [record["flagfile"], *record["extra_flags"]])
 
 
 def _cell(value, suffix: str = "") -> str:
@@ -136,9 +157,9 @@ def accuracy_table(records: list[dict]) -> str:
              "training peak RSS MB |", "|---|---|---:|---:|---:|"]
     for r in records:
         if "train_error" in r:
-            lines.append(f"| {r['variant']} | `{r['flagfile']}` | {r['train_error']} | | |")
+            lines.append(f"| {r['variant']} | {_flags(r)} | {r['train_error']} | | |")
             continue
-        lines.append(f"| {r['variant']} | `{r['flagfile']}` | "
+        lines.append(f"| {r['variant']} | {_flags(r)} | "
                      f"{short_schedule.percent(r['accuracy'], r['ci95'])} "
                      f"(epoch {r['best_epoch']}) | "
                      f"{short_schedule.percent(r['served_accuracy'], r['served_ci95'])} "
@@ -163,9 +184,10 @@ def main(argv: list[str]) -> None:
         shape = FLAGS.accuracy_shape
         for variant in FLAGS.variants:
             record = dict(variant=variant, shape=shape, flagfile=flagfile(variant, shape),
-                          cpu=timing.cpu_model())
+                          extra_flags=VARIANTS[variant][1], cpu=timing.cpu_model())
             record.update(short_schedule.train(f"{variant}_{shape}", record["flagfile"],
-                                               FLAGS.out_dir, FLAGS.data_dir))
+                                               FLAGS.out_dir, FLAGS.data_dir,
+                                               VARIANTS[variant][1]))
             print(json.dumps(record), flush=True)
             accuracies.append(record)
     if timings:
