@@ -47,20 +47,13 @@ FLAGFILES = {
 flags.DEFINE_list("networks", list(FLAGFILES), f"Networks, from: {', '.join(FLAGFILES)}.")
 flags.DEFINE_list("resnet12_widths", ["8", "16", "32", "64"],
                   "ResNet-12's block widths in both the timing and the training run.")
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data", "tfds"),
-                    "Prepared TFDS data dir holding omniglot/3.0.0.")
-flags.DEFINE_string("out_dir", None, "Folder of the runs' directories (resumed if present).")
 flags.DEFINE_bool("time", True, "Time each network's meta-iterations (on a quiet machine).")
 flags.DEFINE_bool("train", True, "Run (or read, if done) each network's short real-data "
                   "schedule.")
-flags.DEFINE_integer("steps", 10, "Timed meta-iterations (and eval steps) after the first.",
-                     lower_bound=1)
-flags.DEFINE_float("max_foreign_cpu", 0.1, "Discard a timed step when other processes used "
-                   "more CPU than this fraction of its wall time.")
-flags.DEFINE_float("wait_idle", 0.0, "Seconds to wait at most for an idle machine before "
-                   "each timing process.")
 flags.register_validator("networks", lambda v: set(v) <= set(FLAGFILES),
                          message=f"--networks must be among {', '.join(FLAGFILES)}")
+flagfile_timing.define_driver_flags()
+short_schedule.define_driver_flags()
 FLAGS = flags.FLAGS
 
 

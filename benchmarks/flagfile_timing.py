@@ -34,6 +34,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def define_driver_flags() -> None:
+    """Defines a driver's timing flags: `--steps`, `--max_foreign_cpu`, `--wait_idle`."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    flags.DEFINE_integer("steps", 10, "Timed meta-iterations (and eval steps) after the first.",
+                         lower_bound=1)
+    flags.DEFINE_float("max_foreign_cpu", 0.1, "Discard a timed step when other processes "
+                       "used more CPU than this fraction of its wall time.")
+    flags.DEFINE_float("wait_idle", 0.0, "Seconds to wait at most for an idle machine before "
+                       "each timing process.")
+
+
 def spawn(flagfile: str, extra_flags: list[str], steps: int, max_foreign_cpu: float,
           timeout_s: float | None = None) -> dict:
     """Times `flagfile` (plus `extra_flags`) in a process of its own; its JSON record.

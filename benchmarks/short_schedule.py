@@ -22,6 +22,16 @@ EPOCHS = 10
 ITERATIONS_PER_EPOCH = 50
 
 
+def define_driver_flags() -> None:
+    """Defines a driver's `--data_dir` (prepared TFDS data) and `--out_dir` (the runs) flags."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data", "tfds"),
+                        "Prepared TFDS data dir holding omniglot/3.0.0.")
+    flags.DEFINE_string("out_dir", None, "Folder of the runs' directories (resumed if "
+                        "present).")
+
+
 def run_process(command: list[str], log_path: str | None = None) -> tuple[int, float, str]:
     """Runs `command` from the repository root: `(exit status, peak RSS in MB, stdout)`.
 

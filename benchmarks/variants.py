@@ -22,8 +22,7 @@ It prints one JSON line per measurement, then two Markdown tables:
 
     python benchmarks/variants.py --out_dir=/tmp/variants --wait_idle=60
     python benchmarks/variants.py --out_dir=/tmp/v --train=false --steps=5   # speed only
-    python benchmarks/variants.py --out_dir=/tmp/v --train=false \
-        --variants=maml++,anil,anil_per_step_bn --timing_shapes=omniglot_20way_1shot
+    python benchmarks/variants.py --out_dir=/tmp/v --train=false --variants=maml++,anil_per_step_bn
 
 Targets (Raghu et al., ICLR 2020, with a 4-conv network): ANIL at least 1.7×
 MAML++'s speed per meta-iteration and 4× per evaluation step at Omniglot
@@ -73,15 +72,6 @@ flags.DEFINE_string("accuracy_shape", "omniglot_5way_1shot",
                     "Omniglot shape of the short real-data schedule.")
 flags.DEFINE_bool("time", True, "Time each variant at --timing_shapes (a quiet machine).")
 flags.DEFINE_bool("train", True, "Run (or read, if done) each variant's short schedule.")
-flags.DEFINE_integer("steps", 10, "Timed meta-iterations (and eval steps) after the first.",
-                     lower_bound=1)
-flags.DEFINE_float("max_foreign_cpu", 0.1, "Discard a timed step when other processes used "
-                   "more CPU than this fraction of its wall time.")
-flags.DEFINE_float("wait_idle", 0.0, "Seconds to wait at most for an idle machine before "
-                   "each timing process.")
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data", "tfds"),
-                    "Prepared TFDS data dir holding omniglot/3.0.0.")
-flags.DEFINE_string("out_dir", None, "Folder of the runs' directories (resumed if present).")
 flags.register_validator("variants", lambda v: set(v) <= set(VARIANTS),
                          message=f"--variants must be among {', '.join(VARIANTS)}")
 flags.register_validator("timing_shapes", lambda v: set(v) <= set(MAMLPP_FLAGFILES),
@@ -90,6 +80,8 @@ flags.register_validator("accuracy_shape",
                          lambda v: v in MAMLPP_FLAGFILES and v.startswith("omniglot"),
                          message="--accuracy_shape must be an Omniglot shape of "
                                  f"{', '.join(MAMLPP_FLAGFILES)}")
+flagfile_timing.define_driver_flags()
+short_schedule.define_driver_flags()
 FLAGS = flags.FLAGS
 
 
