@@ -59,16 +59,15 @@ FLAGS = flags.FLAGS
 
 def _network_flags(network: str) -> list[str]:
     """Flags after the network's flagfile: ResNet-12's narrower widths."""
-    return ["--resnet12_widths=" + ",".join(FLAGS.resnet12_widths)] if network == "resnet12" \
-        else []
+    if network != "resnet12":
+        return []
+    return ["--resnet12_widths=" + ",".join(FLAGS.resnet12_widths)]
 
 
 def _time(network: str) -> dict:
     """Times `network`'s flagfile in a process of its own (its peak RSS is the timing's alone)."""
-    if FLAGS.wait_idle:
-        timing.wait_idle(FLAGS.wait_idle)
     record = flagfile_timing.spawn(FLAGFILES[network], _network_flags(network), FLAGS.steps,
-                                   FLAGS.max_foreign_cpu)
+                                   FLAGS.max_foreign_cpu, FLAGS.wait_idle)
     if "error" in record:
         raise RuntimeError(f"timing {network} failed: {record['error']}")
     return dict(meta_batch=record["meta_batch"], task_impl=record["task_impl"],

@@ -47,7 +47,7 @@ def define_driver_flags() -> None:
 
 
 def spawn(flagfile: str, extra_flags: list[str], steps: int, max_foreign_cpu: float,
-          timeout_s: float | None = None) -> dict:
+          wait_idle_s: float = 0.0, timeout_s: float | None = None) -> dict:
     """Times `flagfile` (plus `extra_flags`) in a process of its own; its JSON record.
 
     Args:
@@ -55,11 +55,16 @@ def spawn(flagfile: str, extra_flags: list[str], steps: int, max_foreign_cpu: fl
       extra_flags: Job flags after it (they win), e.g. `--meta_batch_size=8`.
       steps: Timed meta-iterations and evaluation steps after the first.
       max_foreign_cpu: See `timing.timed_steps`.
+      wait_idle_s: Seconds to wait at most for an idle machine before starting.
       timeout_s: Seconds the process may take.
 
     Returns:
       The process's record, or `{"error": ...}` with the end of its stderr.
     """
+    import timing  # pylint: disable=import-outside-toplevel
+
+    if wait_idle_s:
+        timing.wait_idle(wait_idle_s)
     command = [sys.executable, os.path.abspath(__file__), f"--flagfile={flagfile}",
                *extra_flags, "--model_dir=/nonexistent/timing_only",
                f"--timing_steps={steps}", f"--timing_max_foreign_cpu={max_foreign_cpu}"]

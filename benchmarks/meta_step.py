@@ -78,8 +78,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable as `python benchmarks/meta_step.py` from anywhere, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable-next=wrong-import-position
-import timing  # noqa: E402
+import timing
 
 # name: (n_way, k_shot, queries per class, meta-batch, image shape, filters)
 CASES = {
@@ -204,7 +203,7 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
         trainer.train_step(batch, epoch=0)["loss"].numpy()
 
     timings = timing.time_case(train, lambda: trainer.eval_step(batch)["loss"].numpy(), steps,
-                        max_foreign_cpu)
+                               max_foreign_cpu)
     record = make_record("mamlpp_tf", name, timings, not first_order, impl=impl,
                          jit_compile=jit_compile, compute_dtype=compute_dtype,
                          device=tf.config.list_logical_devices()[-1].device_type,

@@ -100,13 +100,11 @@ def time_shape(shape: str) -> list[dict]:
     """Every variant's timing record at `shape`, with speed-ups over MAML++'s."""
     records = []
     for variant in sorted(FLAGS.variants, key=lambda v: v != "maml++"):
-        if FLAGS.wait_idle:
-            timing.wait_idle(FLAGS.wait_idle)
         extra = VARIANTS[variant][1]
         record = dict(variant=variant, shape=shape, flagfile=flagfile(variant, shape),
                       extra_flags=extra,
                       **flagfile_timing.spawn(flagfile(variant, shape), extra, FLAGS.steps,
-                                              FLAGS.max_foreign_cpu))
+                                              FLAGS.max_foreign_cpu, FLAGS.wait_idle))
         records.append(record)
     reference = records[0] if records and records[0]["variant"] == "maml++" else {}
     for record in records:
