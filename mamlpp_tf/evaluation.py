@@ -172,7 +172,8 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
     Returns:
       `{"test": {...}}` with accuracy, CI and per-sample std for both, and the
       same for the served path (`served_*`, see the module docstring) with
-      the paired per-task difference served − protocol of the single model.
+      the paired per-task difference served − protocol of the single model,
+      and both per-task accuracies of the single model (`per_task`).
     """
     top = runs.top_epochs(history, config.ensemble_top_k)
     learner = trainer.learner
@@ -206,7 +207,11 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
                 served_difference=difference["accuracy"],
                 served_difference_ci95=difference["ci95"],
                 ensemble_served_accuracy=served_combined["accuracy"],
-                ensemble_served_ci95=served_combined["ci95"])
+                ensemble_served_ci95=served_combined["ci95"],
+                # Per task, in test-task order, so that runs scored on the same
+                # tasks can be compared pairwise (benchmarks/serving_parity.py).
+                per_task=dict(accuracy=members[0].accuracies.tolist(),
+                              served_accuracy=served_members[0].accuracies.tolist()))
     return dict(test=test)
 
 

@@ -59,9 +59,10 @@ def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
 
 
 def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finished_run):
-    """results.json keeps no per-task accuracies: they are recomputed here.
+    """The per-task accuracies are recomputed here, independently of the test code.
 
-    From the best epoch's checkpoint on the same fixed test tasks, scored from the logits.
+    From the best epoch's checkpoint on the same fixed test tasks, scored from
+    the logits; results.json's own per-task list must equal them.
     """
     model_dir, _ = finished_run
     test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
@@ -79,6 +80,8 @@ def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finish
     accuracies = np.array(accuracies)
     assert len(accuracies) == test["tasks"] == 6
     assert accuracies.std() > 0  # Tasks differ, so the interval is not trivially 0.
+    np.testing.assert_array_equal(test["per_task"]["accuracy"], accuracies)
+    assert len(test["per_task"]["served_accuracy"]) == 6
     assert test["accuracy"] == pytest.approx(accuracies.mean(), abs=1e-12)
     std = np.sqrt(np.mean((accuracies - accuracies.mean())**2))
     assert test["ci95"] == pytest.approx(1.96 * std / np.sqrt(6), abs=1e-12)
