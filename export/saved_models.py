@@ -10,13 +10,13 @@ TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
   classifier (`mamlpp_tf.task_model`): adapted weights, the last inner step's
   batch-norm variables and fixed normalisation statistics, so every image is
   classified on its own: alone or in a batch, the answer is the same. For
-  `--bn_stats=support|tasknorm|running` runs that is exactly the computation
+  `--bn_stats=support|tasknorm|rn` runs that is exactly the computation
   the run was scored with; for `--bn_stats=batch` runs the support set's
   statistics stand in for the query batch's (the run's `served_accuracy`
   measures the difference).
 * **Meta-model**: `learner.adapt` + `learner.predict` inside the graph for
   every request, i.e. the per-task logits of `Trainer.eval_step`. Under
-  `--bn_stats=support|tasknorm` a query's answer does not depend on the
+  `--bn_stats=support|tasknorm|rn` a query's answer does not depend on the
   other queries of the request; under `batch` (the transductive official
   protocol) the queries of a request are normalised together, so send a
   task's queries in one request. Its inputs have a leading task axis, so TF

@@ -1,7 +1,7 @@
 """Exports a task model: the run's network adapted to one support set, for TF Serving.
 
     python -m export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
-        --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|running|tasknorm]
+        --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|rn|tasknorm]
 
 Writes `BASE/NAME/<version>/` (the next free version) with signatures
 `serving_default(images float32 [None, H, W, C])` and
@@ -33,10 +33,10 @@ flags.DEFINE_integer("epoch",
 flags.DEFINE_enum(
     "bn_stats", None, task_model.BN_STATS,
     "Batch-norm statistics fixed at export: 'support' (the support set's, "
-    "through the adapted weights), 'running' (the per-step running "
-    "statistics) or 'tasknorm' (the support set's blended with each image's; "
-    "--bn_stats=tasknorm runs only). Default: the run's own --bn_stats, with "
-    "'support' for 'batch' runs.")
+    "through the adapted weights), 'rn' (the support set's pooled with each "
+    "image's own) or 'tasknorm' (the support set's blended with each image's "
+    "by the learned α; --bn_stats=tasknorm runs only). Default: the run's own "
+    "--bn_stats, with 'support' for 'batch' runs.")
 flags.mark_flags_as_required(["model_dir", "support", "export_dir"])
 FLAGS = flags.FLAGS
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from mamlpp_tf.data import omniglot
 from mamlpp_tf.data.registry import DATASETS, dataset_info
-from mamlpp_tf.nets import BN_STATS_MODES, backbone_names
+from mamlpp_tf.nets import BN_STATS_MODES, TASKNORM_ALPHAS, backbone_names
 
 TASK_IMPLS = ("loop", "batched", "auto")
 # None: everything in the variable dtype.
@@ -178,11 +178,20 @@ class LearnerConfig:
         "--noper_step_bn shares one set (plain MAML).")
     bn_stats: str = option(
         "batch", "batch: batch statistics for support and query, always (what the official "
-        "code does; transductive: a query's answer depends on the other queries); running: "
-        "per-step running statistics at evaluation (the paper's stated intent); support: "
+        "code does; transductive: a query's answer depends on the other queries); support: "
         "every pass normalised with the support set's statistics (MetaBN); tasknorm: the "
-        "support set's blended with each image's own (TaskNorm-I). support and tasknorm "
-        "train the model the way it is served, one image at a time.", choices=BN_STATS_MODES)
+        "support set's blended with each image's own (TaskNorm-I); rn: each query normalised "
+        "with the support set plus itself (Reptile's RN). support, tasknorm and rn train the "
+        "model the way it is served, one image at a time. running (per-step running "
+        "statistics at evaluation) is refused: it evaluates at chance.",
+        choices=BN_STATS_MODES)
+    tasknorm_alpha: str = option(
+        "step", "tasknorm: what the blend α = sigmoid(a·n + b) is learned for: step (one α per "
+        "layer and inner step), layer (one per layer, as the reference code), channel (one "
+        "per channel and step).", choices=TASKNORM_ALPHAS)
+    tasknorm_unbiased: bool = option(
+        False, "tasknorm: blend unbiased variances (the reference code's) instead of the "
+        "biased ones.")
     msl_epochs: int = option(10, "Epochs of multi-step-loss annealing; 0 = off.", lower=0)
     second_order: bool = option(True, "Second-order meta-gradients.")
     first_order_epochs: int = option(
@@ -242,9 +251,16 @@ class LearnerConfig:
              dict(learn_inner_lr=self.learn_inner_lr, inner_update=self.inner_update),
              "is plain MAML's fixed rate (inner_update='fixed') and contradicts "
              "inner_update='meta_sgd', whose rates are learned"),
-            (self.bn_stats != "running" or self.per_step_bn,
-             dict(bn_stats=self.bn_stats, per_step_bn=self.per_step_bn),
-             "'running' needs per_step_bn (shared BN keeps no running statistics)"),
+            (self.bn_stats != "running", dict(bn_stats=self.bn_stats),
+             "evaluates at chance: with the statistics fixed, the learned inner rates make "
+             "the evaluation inner loop diverge; train with bn_stats='support' or 'rn' to "
+             "serve one image at a time"),
+            (self.bn_stats == "tasknorm" or self.tasknorm_alpha == "step",
+             dict(tasknorm_alpha=self.tasknorm_alpha, bn_stats=self.bn_stats),
+             "is a TaskNorm option: it needs bn_stats='tasknorm'"),
+            (self.bn_stats == "tasknorm" or not self.tasknorm_unbiased,
+             dict(tasknorm_unbiased=self.tasknorm_unbiased, bn_stats=self.bn_stats),
+             "is a TaskNorm option: it needs bn_stats='tasknorm'"),
             (self.min_meta_lr <= self.meta_lr,
              dict(min_meta_lr=self.min_meta_lr, meta_lr=self.meta_lr),
              "must be in [0, meta_lr]: the annealing floor may not exceed the initial rate"),

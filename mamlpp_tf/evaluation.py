@@ -11,7 +11,7 @@ The test also scores the *served* path on the same tasks: each task's
 exported task model (`mamlpp_tf.task_model`), which classifies every query
 on its own. With `--bn_stats=batch` the protocol normalises each query batch
 with its own statistics, so the two differ and the paired difference shows
-what a deployment loses; with `support`, `tasknorm` and `running` they are
+what a deployment loses; with `support`, `rn` and `tasknorm` they are
 one computation and agree exactly.
 """
 
@@ -157,7 +157,7 @@ def correctness(result: TaskResults) -> np.ndarray:
 
 def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
              test_set: data.ClassSet, history: list[dict],
-             strategy: tf.distribute.Strategy) -> dict:
+             strategy: tf.distribute.Strategy, served_bn_stats: str | None = None) -> dict:
     """The final test: the best single epoch and the top-k logit ensemble.
 
     Args:
@@ -168,6 +168,8 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
       test_set: The test classes.
       history: Validation entries of the epochs that may be used.
       strategy: Distribution strategy of `learner`.
+      served_bn_stats: The task model's statistics (`task_model.BN_STATS`);
+        None for the run's own (`task_model.default_bn_stats`).
 
     Returns:
       `{"test": {...}}` with accuracy, CI and per-sample std for both, and the
@@ -179,7 +181,9 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
     learner = trainer.learner
     tasks = experiment.eval_tasks(config, test_set, "test", config.test_tasks,
                                   strategy.num_replicas_in_sync)
-    served = task_model.served_logits_fn(learner, task_model.default_bn_stats(config.learner),
+    if served_bn_stats is None:
+        served_bn_stats = task_model.default_bn_stats(config.learner)
+    served = task_model.served_logits_fn(learner, served_bn_stats,
                                          config.learner.n_way * config.k_shot)
     members, served_members = [], []
     for epoch in top:
@@ -201,7 +205,7 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
                 ensemble_per_sample_std=combined["per_sample_std"],
                 ensemble_epochs=top,
                 tasks=single["tasks"],
-                served_bn_stats=task_model.default_bn_stats(config.learner),
+                served_bn_stats=served_bn_stats,
                 served_accuracy=served["accuracy"],
                 served_ci95=served["ci95"],
                 served_difference=difference["accuracy"],
@@ -241,15 +245,32 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluation_path(model_dir: str, served_bn_stats: str | None = None) -> str:
+    """Where `evaluate_run` writes: one file per task-model statistics swap."""
+    name = "evaluation.json" if served_bn_stats is None else (
+        f"evaluation_served_{served_bn_stats}.json")
+    return os.path.join(model_dir, name)
+
+
 def evaluate_run(model_dir: str,
                  data_dir: str | None = None,
                  ensemble_top_k: int | None = None,
-                 test_tasks: int | None = None) -> dict:
-    """Tests the kept checkpoints of the run in `model_dir`.
+                 test_tasks: int | None = None,
+                 served_bn_stats: str | None = None) -> dict:
+    """Tests the kept checkpoints of the run in `model_dir`; writes `evaluation_path`.
+
+    Args:
+      model_dir: The run directory.
+      data_dir: Override of the run's `data_dir` (e.g. on another machine).
+      ensemble_top_k: Override of the run's ensemble size.
+      test_tasks: Override of the number of fixed test tasks.
+      served_bn_stats: Score as served with these task-model statistics (a
+        serving-only swap, e.g. `"rn"` on a `batch` run) instead of the run's.
 
     Raises:
       FileNotFoundError: `model_dir` holds no run or no validated epoch.
-      ValueError, data.DatasetNotFoundError: as for training.
+      ValueError, data.DatasetNotFoundError: as for training, or a
+        `served_bn_stats` the run cannot serve.
     """
     run = runs.RunDir(model_dir)
     config = run.read_config()
@@ -258,6 +279,8 @@ def evaluate_run(model_dir: str,
                           ("test_tasks", test_tasks)) if v is not None
     }
     config = dataclasses.replace(config, **overrides)
+    if served_bn_stats is not None:
+        task_model.check_bn_stats(config.learner, served_bn_stats, "--served_bn_stats")
     kept = set(run.kept_epochs())
     history = [entry for entry in run.read_history() if entry["epoch"] in kept]
     if not history:
@@ -269,7 +292,7 @@ def evaluate_run(model_dir: str,
     learner = experiment.build_learner(config, strategy)
     with strategy.scope():
         trainer = Trainer(learner)
-    results = run_test(config, run, trainer, sets["test"], history, strategy)
+    results = run_test(config, run, trainer, sets["test"], history, strategy, served_bn_stats)
     results.update(config=config.to_dict(), validation=history)
-    files.write_json(os.path.join(model_dir, "evaluation.json"), results)
+    files.write_json(evaluation_path(model_dir, served_bn_stats), results)
     return results

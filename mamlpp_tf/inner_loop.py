@@ -21,7 +21,7 @@ beyond the `inner_steps` trained ones (`--eval_inner_steps` above
 (`InnerLoop.trained_step`).
 
 Batch norm follows `config.bn_stats` (see `PerStepBatchNorm`). Under the
-non-transductive `bn_stats` modes `support` and `tasknorm`, every query pass carries
+non-transductive `bn_stats` modes `support`, `tasknorm` and `rn`, every query pass carries
 the task's support set as the context of its batch norms, so training,
 evaluation and the exported models normalise a query with the support set's
 statistics alone: its prediction never depends on the other queries.
@@ -326,7 +326,7 @@ class InnerLoop:
                     batch_axis: int) -> tuple[tf.Tensor, list[BatchMoments]]:
         """Query logits at batch-norm row `row` under `params`, normalised as `bn_stats` says.
 
-        Under the context modes (`support`, `tasknorm`) the support set
+        Under the context modes (`support`, `tasknorm`, `rn`) the support set
         travels with the queries as the context of every batch norm: the
         statistics are those of the support images through the same weights
         and the same batch-norm row as the queries (one extra support forward
@@ -354,12 +354,14 @@ def _mean_over_tasks(moments: Iterable[BatchMoments], tasks: int | None) -> list
 def _check_norms(config: LearnerConfig, backbone: Backbone) -> None:
     """Raises `ValueError` unless every batch norm of `backbone` has the config's settings."""
     for norm in backbone.norms:
-        got = (norm.bn_stats, norm.per_step, norm.num_steps if norm.per_step else None)
+        got = (norm.bn_stats, norm.per_step, norm.num_steps if norm.per_step else None,
+               norm.tasknorm_alpha, norm.tasknorm_unbiased)
         want = (config.bn_stats, config.per_step_bn,
-                config.inner_steps if config.per_step_bn else None)
+                config.inner_steps if config.per_step_bn else None, config.tasknorm_alpha,
+                config.tasknorm_unbiased)
         if got != want:
             raise ValueError(
-                f"batch norm {norm.name} of the backbone has (bn_stats, per_step, num_steps) = "
-                f"{got}, the learner's config {want}: build the backbone with "
-                "bn_stats=config.bn_stats, per_step_bn=config.per_step_bn and "
-                "num_steps=config.inner_steps")
+                f"batch norm {norm.name} of the backbone has (bn_stats, per_step, num_steps, "
+                f"tasknorm_alpha, tasknorm_unbiased) = {got}, the learner's config {want}: "
+                "build the backbone with the common arguments build_backbone gives "
+                "(bn_stats, per_step_bn, num_steps, tasknorm_alpha, tasknorm_unbiased)")

@@ -321,7 +321,7 @@ class MamlPlusPlus(InnerLoop):
           params: Weights from `adapt`.
           num_steps: Inner steps `adapt` took; defaults to `eval_inner_steps`.
           support_x: The support images `params` were adapted to. Required
-            under `bn_stats` `support` and `tasknorm`, whose statistics come
+            under `bn_stats` `support`, `tasknorm` and `rn`, whose statistics come
             from them; unused otherwise.
 
         Returns:

@@ -17,7 +17,7 @@ FLAGS = flags.FLAGS
 FLAGS_BEFORE = {
     "adapt": ("enum", "all", ("all", "head", "body")),
     "backbone": ("string", "vgg", None),
-    "bn_stats": ("enum", "batch", ("batch", "running", "support", "tasknorm")),
+    "bn_stats": ("enum", "batch", ("batch", "running", "support", "tasknorm", "rn")),
     "checkpoint_every": ("integer", 100, 1),
     "compute_dtype": ("enum", None, ("bfloat16",)),
     "cpu_replicas": ("integer", 0, 0),
@@ -58,6 +58,8 @@ FLAGS_BEFORE = {
     "seed": ("integer", 0, 0),
     "strategy": ("enum", "default", ("default", "mirrored", "multi_worker")),
     "task_impl": ("enum", "auto", ("loop", "batched", "auto")),
+    "tasknorm_alpha": ("enum", "step", ("step", "layer", "channel")),
+    "tasknorm_unbiased": ("bool", False, None),
     "test_tasks": ("integer", 600, 1),
     "val_seed": ("integer", 0, 0),
     "val_tasks": ("integer", 600, 1),
@@ -116,8 +118,14 @@ def test_the_network_takes_the_datasets_image_shape(dataset, extra, shape):
      ["flags learn_inner_lr=False, inner_update=meta_sgd: learn_inner_lr is plain MAML's "
       "fixed rate (inner_update='fixed') and contradicts inner_update='meta_sgd', whose "
       "rates are learned",
-      "flags bn_stats=running, per_step_bn=False: bn_stats 'running' needs per_step_bn "
-      "(shared BN keeps no running statistics)"]),
+      "flag --bn_stats=running: evaluates at chance: with the statistics fixed, the learned "
+      "inner rates make the evaluation inner loop diverge; train with bn_stats='support' or "
+      "'rn' to serve one image at a time"]),
+    (["--tasknorm_alpha=layer", "--tasknorm_unbiased"],
+     ["flags tasknorm_alpha=layer, bn_stats=batch: tasknorm_alpha is a TaskNorm option: it "
+      "needs bn_stats='tasknorm'",
+      "flags tasknorm_unbiased=True, bn_stats=batch: tasknorm_unbiased is a TaskNorm option: "
+      "it needs bn_stats='tasknorm'"]),
     (["--dataset=omniglot", "--k_shot=15", "--n_query=6"],
      ["flags k_shot=15, n_query=6, dataset=omniglot: k_shot + n_query = 21 exceeds "
       "Omniglot's 20 images per class"]),
@@ -192,7 +200,7 @@ def test_every_problem_is_reported_at_once():
         LearnerConfig(learn_inner_lr=False, inner_update="meta_sgd", per_step_bn=False,
                       bn_stats="running", meta_lr=1e-3, min_meta_lr=1e-2)
     assert [list(p.values) for p in error.value.problems] == [
-        ["learn_inner_lr", "inner_update"], ["bn_stats", "per_step_bn"],
+        ["learn_inner_lr", "inner_update"], ["bn_stats"],
         ["min_meta_lr", "meta_lr"]]
     assert str(error.value).splitlines()[0] == (
         "learn_inner_lr=False is plain MAML's fixed rate (inner_update='fixed') and "

@@ -268,25 +268,6 @@ def test_task_model_encoded_signature_equals_float_signature(exported):
     assert (encoded["class_names"].numpy() == floats["class_names"].numpy()).all()
 
 
-def test_running_statistics_task_model_equals_library_predict(tmp_path, exported):
-    model_dir = make_run(str(tmp_path / "run"), bn_stats="running", seed=1)
-    path = saved_models.export_task_model(model_dir, exported.support_dir,
-                                          str(tmp_path / "models" / "task"))
-    with open(os.path.join(path, saved_models.INFO_PATH)) as stream:
-        assert json.load(stream)["bn_stats"] == "running"
-    _, learner, _ = saved_models.restore_learner(model_dir)
-    expected = library_task_probabilities(learner, exported.support, exported.queries)
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    np.testing.assert_allclose(
-        serve(images=tf.constant(exported.queries))["probabilities"],
-        expected,
-        atol=1e-5)
-    np.testing.assert_allclose(
-        serve(images=tf.constant(exported.queries[3:4]))["probabilities"],
-        expected[3:4],
-        atol=1e-5)
-
-
 def test_npz_support_gives_the_folder_model_with_its_names(exported, tmp_path):
     names = ["a", "b", "c", "d", "e"]
     npz = str(tmp_path / "support.npz")
@@ -304,10 +285,11 @@ def test_npz_support_gives_the_folder_model_with_its_names(exported, tmp_path):
            ] == [names[i] for i in from_npz["class_ids"].numpy()]
 
 
-def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
-        tmp_path, exported):
-    """Both exporters on a --bn_stats=tasknorm run: one image at a time = the protocol."""
-    model_dir = make_run(str(tmp_path / "run"), bn_stats="tasknorm", seed=2)
+@pytest.mark.parametrize("bn_stats", ["tasknorm", "rn"])
+def test_blended_run_exports_models_that_answer_each_image_as_eval_step(
+        tmp_path, exported, bn_stats):
+    """Both exporters on a --bn_stats=tasknorm|rn run: one image at a time = the protocol."""
+    model_dir = make_run(str(tmp_path / "run"), bn_stats=bn_stats, seed=2)
     config, learner, _ = saved_models.restore_learner(model_dir)
     rng = np.random.RandomState(3)
     weights = learner.get_weights()
@@ -321,7 +303,7 @@ def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
                                                str(tmp_path / "task"))
     meta_path = saved_models.export_meta_model(model_dir, str(tmp_path / "meta"))
     with open(os.path.join(task_path, saved_models.INFO_PATH)) as stream:
-        assert json.load(stream)["bn_stats"] == "tasknorm"
+        assert json.load(stream)["bn_stats"] == bn_stats
     support = exported.support
     queries = exported.queries.astype(np.float32)
     protocol = Trainer(learner).eval_step(
@@ -337,17 +319,30 @@ def test_tasknorm_run_exports_models_that_answer_each_image_as_eval_step(
                       query_images=tf.constant(queries[None, q:q + 1]))["logits"]
         logits = logits.numpy()[0, 0]
         np.testing.assert_allclose(logits, protocol[q], atol=1e-5)
-    with pytest.raises(ValueError, match="tasknorm"):
+    if bn_stats == "tasknorm":
+        with pytest.raises(ValueError, match="tasknorm"):
+            saved_models.export_task_model(model_dir, exported.support_dir,
+                                           str(tmp_path / "other"), bn_stats="support")
+        assert not os.path.exists(tmp_path / "other")
+
+
+def test_rn_swap_of_a_batch_run_is_exported_with_its_statistics(tmp_path, exported):
+    model_dir = make_run(str(tmp_path / "run"), seed=1)
+    path = saved_models.export_task_model(model_dir, exported.support_dir,
+                                          str(tmp_path / "models" / "task"), bn_stats="rn")
+    with open(os.path.join(path, saved_models.INFO_PATH)) as stream:
+        assert json.load(stream)["bn_stats"] == "rn"
+    _, learner, _ = saved_models.restore_learner(model_dir)
+    support, queries = exported.support, exported.queries.astype(np.float32)
+    served = task_model.served_logits_fn(learner, "rn", len(support.images))
+    expected = softmax(served(support.images, support.labels, queries).numpy())
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    np.testing.assert_allclose(serve(images=tf.constant(queries[3:4]))["probabilities"],
+                               expected[3:4], atol=1e-5)
+    with pytest.raises(ValueError, match="running"):
         saved_models.export_task_model(model_dir, exported.support_dir,
-                                       str(tmp_path / "other"), bn_stats="support")
+                                       str(tmp_path / "other"), bn_stats="running")
     assert not os.path.exists(tmp_path / "other")
-
-
-def test_running_statistics_need_per_step_batch_norm():
-    config = LearnerConfig(per_step_bn=False)
-    with pytest.raises(ValueError, match="needs a run with --per_step_bn"):
-        task_model.check_bn_stats(config, "running")
-    task_model.check_bn_stats(config, "support")
 
 
 # --------------------------------------------------------------- meta-model

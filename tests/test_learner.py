@@ -37,7 +37,7 @@ def test_train_step_does_not_retrace_across_iterations():
 
 
 def test_evaluation_leaves_every_variable_bit_identical():
-    for bn_stats in ("batch", "running"):
+    for bn_stats in ("batch", "rn"):
         learner = MamlPlusPlus(tiny_config(bn_stats=bn_stats))
         trainer = Trainer(learner)
         trainer.train_step(random_batch(learner.config), epoch=0)
@@ -128,8 +128,9 @@ def test_derivative_order_switches_after_first_order_epochs():
     assert np.linalg.norm(g2 - g1) > 1e-3 * np.linalg.norm(g2)
 
 
-def test_adapt_and_predict_match_eval_step():
-    config = tiny_config(bn_stats="running")
+@pytest.mark.parametrize("bn_stats", ["batch", "rn"])
+def test_adapt_and_predict_match_eval_step(bn_stats):
+    config = tiny_config(bn_stats=bn_stats)
     learner = MamlPlusPlus(config)
     trainer = Trainer(learner)
     trainer.train_step(random_batch(config), epoch=0)
@@ -137,7 +138,7 @@ def test_adapt_and_predict_match_eval_step():
     result = trainer.eval_step(batch)
     for t in range(2):
         params = learner.adapt(batch[0][t], batch[1][t])
-        logits = learner.predict(batch[2][t], params)
+        logits = learner.predict(batch[2][t], params, support_x=batch[0][t])
         np.testing.assert_allclose(logits.numpy(), result["logits"][t].numpy(), atol=1e-10)
 
 

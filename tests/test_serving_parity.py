@@ -1,8 +1,9 @@
-"""Non-transductive batch norm (`--bn_stats=support|tasknorm`): trained as it is served.
+"""Non-transductive batch norm (`--bn_stats=support|rn|tasknorm`): trained as it is served.
 
 * the second-order meta-gradient against float64 finite differences and a
   hand-written reference that normalises queries with the support set's
-  statistics (MetaBN) or TaskNorm-I's blend;
+  statistics (MetaBN), the support set's plus the image's (RN) or TaskNorm-I's
+  blend (each of its options);
 * a query's evaluation logits do not depend on the other queries: permuted,
   alone, or padded with unrelated images (and under `batch` they do);
 * the task model (what `export/` serves and the final test scores as served)
@@ -31,7 +32,15 @@ from conftest import (
     tiny_config,
 )
 
-CONTEXT_MODES = ["support", "tasknorm"]
+# Each non-transductive mode, TaskNorm with each of its options.
+CONTEXT_MODES = {
+    "support": dict(bn_stats="support"),
+    "rn": dict(bn_stats="rn"),
+    "tasknorm": dict(bn_stats="tasknorm"),
+    "tasknorm-layer-unbiased": dict(bn_stats="tasknorm", tasknorm_alpha="layer",
+                                    tasknorm_unbiased=True),
+    "tasknorm-channel": dict(bn_stats="tasknorm", tasknorm_alpha="channel"),
+}
 
 
 def randomise_tasknorm(learner: MamlPlusPlus, seed: int = 0) -> None:
@@ -44,17 +53,19 @@ def randomise_tasknorm(learner: MamlPlusPlus, seed: int = 0) -> None:
     learner.set_weights(weights)
 
 
-def make_learner(bn_stats: str, **overrides) -> MamlPlusPlus:
-    learner = MamlPlusPlus(tiny_config(bn_stats=bn_stats, **overrides))
-    if bn_stats == "tasknorm":
+def make_learner(mode: str, **overrides) -> MamlPlusPlus:
+    """A tiny learner of a `CONTEXT_MODES` entry (or another `bn_stats` mode)."""
+    learner = MamlPlusPlus(tiny_config(**CONTEXT_MODES.get(mode, dict(bn_stats=mode)),
+                                       **overrides))
+    if learner.config.bn_stats == "tasknorm":
         randomise_tasknorm(learner)
     return learner
 
 
 @pytest.mark.parametrize("per_step_bn", [True, False], ids=["per_step_bn", "shared_bn"])
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES)
-def test_second_order_meta_gradient_equals_finite_differences(bn_stats, per_step_bn):
-    learner = make_learner(bn_stats, inner_steps=3, eval_inner_steps=3, msl_epochs=3,
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_second_order_meta_gradient_equals_finite_differences(mode, per_step_bn):
+    learner = make_learner(mode, inner_steps=3, eval_inner_steps=3, msl_epochs=3,
                            per_step_bn=per_step_bn)
     batch = random_batch(learner.config, tasks=2)
     _, grads = meta_gradient(learner, batch, epoch=1)
@@ -75,21 +86,33 @@ def reference_meta_loss(learner: MamlPlusPlus, batch, msl_weights) -> tf.Tensor:
 
     Every query pass runs the support set through the same weights and batch-norm
     row alongside, layer by layer, and normalises the queries with the support
-    activations' moments (MetaBN), or with TaskNorm-I's pooled moments.
+    activations' moments (MetaBN), with the moments of the support activations
+    plus the query's own (RN; the support keeps its own), or with TaskNorm-I's
+    pooled moments (the support's too).
     """
     backbone, config = learner.backbone, learner.config
-    tasknorm = config.bn_stats == "tasknorm"
+    mode = config.bn_stats
 
     def row(variable, step):
         value = tf.convert_to_tensor(variable)
-        return value[step] if config.per_step_bn else value
+        if config.per_step_bn and not (mode == "tasknorm" and config.tasknorm_alpha == "layer"
+                                       and "alpha" in variable.path):
+            return value[step]
+        return value
 
-    def normalise(x, context_mean, context_var, norm, step, n_context):
-        if tasknorm:
-            alpha = tf.sigmoid(row(norm.alpha_scale, step) * n_context +
-                               row(norm.alpha_offset, step))
+    def normalise(x, context_mean, context_var, norm, step, n_context, blend):
+        if blend:
+            if mode == "rn":
+                alpha = n_context / (n_context + 1)
+            else:
+                alpha = tf.sigmoid(row(norm.alpha_scale, step) * n_context +
+                                   row(norm.alpha_offset, step))
             image_mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
             image_var = tf.reduce_mean((x - image_mean)**2, axis=[1, 2], keepdims=True)
+            if config.tasknorm_unbiased:
+                pixels = x.shape[1] * x.shape[2]
+                context_var = context_var * n_context * pixels / (n_context * pixels - 1)
+                image_var = image_var * pixels / (pixels - 1)
             mean = alpha * context_mean + (1 - alpha) * image_mean
             var = (alpha * (context_var + (context_mean - mean)**2) +
                    (1 - alpha) * (image_var + (image_mean - mean)**2))
@@ -107,8 +130,9 @@ def reference_meta_loss(learner: MamlPlusPlus, batch, msl_weights) -> tf.Tensor:
             mean = tf.reduce_mean(context, axis=[0, 1, 2])
             var = tf.reduce_mean((context - mean)**2, axis=[0, 1, 2])
             n = float(context.shape[0])
-            x = normalise(x, mean, var, norm, step, n)
-            context = normalise(context, mean, var, norm, step, n)
+            x = normalise(x, mean, var, norm, step, n,
+                          mode == "tasknorm" or (mode == "rn" and support is not None))
+            context = normalise(context, mean, var, norm, step, n, mode == "tasknorm")
             x, context = (tf.nn.max_pool2d(tf.maximum(h, 0.01 * h), 2, 2, "VALID")
                           for h in (x, context))
         x = tf.reshape(x, [x.shape[0], -1])
@@ -119,9 +143,9 @@ def reference_meta_loss(learner: MamlPlusPlus, batch, msl_weights) -> tf.Tensor:
                                     learner.lslr.rates.items()}, batch, msl_weights)
 
 
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES)
-def test_meta_loss_and_gradient_equal_a_hand_written_reference(bn_stats):
-    learner = make_learner(bn_stats, msl_epochs=3)
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_meta_loss_and_gradient_equal_a_hand_written_reference(mode):
+    learner = make_learner(mode, msl_epochs=3)
     batch = [tf.constant(x) for x in random_batch(learner.config, tasks=2, k_shot=2,
                                                     n_query=3)]
     msl = np.float32([1 / 2 - 1 / 6, 1 / 2 + 1 / 6]).astype(np.float64)  # Epoch 1 of 3.
@@ -138,9 +162,9 @@ def test_meta_loss_and_gradient_equal_a_hand_written_reference(bn_stats):
                                    err_msg=variable.path)
 
 
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES)
-def test_first_order_equals_second_order_when_inner_rates_are_zero(bn_stats):
-    second = make_learner(bn_stats)
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_first_order_equals_second_order_when_inner_rates_are_zero(mode):
+    second = make_learner(mode)
     first = MamlPlusPlus(dataclasses.replace(second.config, second_order=False))
     first.set_weights(second.get_weights())
     batch = random_batch(second.config)
@@ -168,9 +192,9 @@ def task_impl(request):
     return request.param
 
 
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES)
-def test_a_query_answer_does_not_depend_on_the_other_queries(bn_stats, task_impl):
-    learner = make_learner(bn_stats, task_impl=task_impl, dtype="float32",
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_a_query_answer_does_not_depend_on_the_other_queries(mode, task_impl):
+    learner = make_learner(mode, task_impl=task_impl, dtype="float32",
                            image_shape=(12, 12, 1), num_filters=4)
     support_x, support_y, query_x, _ = (x[0] for x in random_batch(learner.config, tasks=1,
                                                                   k_shot=2, n_query=3))
@@ -199,21 +223,35 @@ def test_batch_statistics_make_answers_depend_on_the_other_queries():
     assert np.abs(alone[0] - logits[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES + ["running"])
-def test_task_model_answers_each_image_alone_as_eval_step(bn_stats, task_impl):
-    learner = make_learner(bn_stats, task_impl=task_impl, dtype="float32")
-    if bn_stats == "running":  # Statistics other than the initial zeros and ones.
-        for variable in learner.running_stat_variables:
-            variable.assign(np.random.RandomState(4).rand(*variable.shape) + 0.5)
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_task_model_answers_each_image_alone_as_eval_step(mode, task_impl):
+    learner = make_learner(mode, task_impl=task_impl, dtype="float32")
     support_x, support_y, query_x, _ = (x[0] for x in random_batch(learner.config, tasks=1,
                                                                   k_shot=2, n_query=3))
     expected = eval_logits(Trainer(learner), support_x, support_y, query_x)
-    served = task_model.served_logits_fn(learner, bn_stats, len(support_x))
+    served = task_model.served_logits_fn(learner, task_model.default_bn_stats(learner.config),
+                                         len(support_x))
     for q in range(len(query_x)):
         alone = served(support_x, support_y, query_x[q:q + 1]).numpy()
         np.testing.assert_allclose(alone[0], expected[q], atol=1e-5)
     together = served(support_x, support_y, query_x).numpy()
     np.testing.assert_allclose(together, expected, atol=1e-5)
+
+
+def test_rn_task_model_of_a_batch_run_answers_as_an_rn_run(task_impl):
+    """The serving-only swap computes what a --bn_stats=rn run with these weights would."""
+    learner = make_learner("batch", task_impl=task_impl, dtype="float32")
+    rn = make_learner("rn", task_impl=task_impl, dtype="float32")
+    rn.set_weights(learner.get_weights())
+    support_x, support_y, query_x, _ = (x[0] for x in random_batch(learner.config, tasks=1,
+                                                                  k_shot=2, n_query=3))
+    expected = eval_logits(Trainer(rn), support_x, support_y, query_x)
+    served = task_model.served_logits_fn(learner, "rn", len(support_x))
+    for q in range(len(query_x)):
+        np.testing.assert_allclose(served(support_x, support_y, query_x[q:q + 1]).numpy()[0],
+                                   expected[q], atol=1e-5)
+    assert np.abs(eval_logits(Trainer(learner), support_x, support_y, query_x) -
+                  expected).max() > 1e-3
 
 
 def test_task_model_of_a_batch_run_uses_the_support_statistics():
@@ -236,19 +274,23 @@ def test_bn_stats_of_the_task_model_must_fit_the_run():
         task_model.check_bn_stats(tiny_config(bn_stats="support"), "tasknorm")
     with pytest.raises(ValueError, match="tasknorm"):
         task_model.check_bn_stats(tiny_config(bn_stats="tasknorm"), "support")
+    with pytest.raises(ValueError, match=r"--bn_stats='running' must be one of"):
+        task_model.check_bn_stats(tiny_config(), "running")
     with pytest.raises(ValueError, match="support_x"):
         make_learner("tasknorm").predict(np.zeros((1, 6, 6, 1)), {})
     assert task_model.default_bn_stats(tiny_config(bn_stats="batch")) == "support"
     assert task_model.default_bn_stats(tiny_config(bn_stats="tasknorm")) == "tasknorm"
+    assert task_model.default_bn_stats(tiny_config(bn_stats="rn")) == "rn"
 
 
 def _preprocessing(learner: MamlPlusPlus) -> Preprocessing:
     return Preprocessing(image_shape=learner.config.image_shape, kind="omniglot")
 
 
-@pytest.mark.parametrize("bn_stats", CONTEXT_MODES)
-def test_saved_models_answer_any_grouping_of_queries_as_eval_step(bn_stats, tmp_path):
-    learner = make_learner(bn_stats, dtype="float32", task_impl="batched")
+@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+def test_saved_models_answer_any_grouping_of_queries_as_eval_step(mode, tmp_path):
+    learner = make_learner(mode, dtype="float32", task_impl="batched")
+    bn_stats = learner.config.bn_stats
     support_x, support_y, query_x, _ = (x[0] for x in random_batch(learner.config, tasks=1,
                                                                   k_shot=2, n_query=3))
     expected = eval_logits(Trainer(learner), support_x, support_y, query_x)

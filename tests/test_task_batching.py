@@ -169,25 +169,14 @@ def test_train_step_updates_variables_and_running_statistics_alike(dtype, rtol):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=rtol, atol=rtol)
 
 
-def test_eval_step_with_running_statistics_agrees():
-    """`training=False` reaches batch norm: queries use the running statistics."""
-    config = small_config(bn_stats="running")
-    loop, batched = learner_pair(config)
-    rng = np.random.RandomState(0)
-    for variable in loop.running_stat_variables:
-        variable.assign(variable + rng.rand(*variable.shape))
-    batched.set_weights(loop.get_weights())
-    batch = random_batch(config, tasks=2)
-    expected, actual = Trainer(loop).eval_step(batch), Trainer(batched).eval_step(batch)
-    for key in ("loss", "accuracy", "logits"):
-        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-10)
-
-
 @pytest.mark.parametrize("second_order", [True, False], ids=["second", "first"])
-@pytest.mark.parametrize("bn_stats", ["support", "tasknorm"])
-def test_context_statistics_agree_across_layouts(bn_stats, second_order):
-    """Support-set statistics (and TaskNorm's blend) per task in the batched layout."""
-    config = small_config(bn_stats=bn_stats, second_order=second_order)
+@pytest.mark.parametrize("bn_stats,tasknorm", [
+    ("support", {}), ("rn", {}), ("tasknorm", {}),
+    ("tasknorm", dict(tasknorm_alpha="channel", tasknorm_unbiased=True))],
+                         ids=["support", "rn", "tasknorm", "tasknorm-channel-unbiased"])
+def test_context_statistics_agree_across_layouts(bn_stats, tasknorm, second_order):
+    """Support-set statistics (RN's and TaskNorm's blends) per task in the batched layout."""
+    config = small_config(bn_stats=bn_stats, second_order=second_order, **tasknorm)
     loop, batched = learner_pair(config)
     if bn_stats == "tasknorm":
         rng = np.random.RandomState(0)

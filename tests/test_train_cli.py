@@ -1,5 +1,6 @@
 """The main job end to end on the synthetic set: run, resume after SIGKILL, errors, flags."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -97,6 +98,39 @@ def test_evaluate_reproduces_the_final_test(finished_run):
         assert again["test"][key] == pytest.approx(results["test"][key], abs=1e-9), key
 
 
+def test_evaluate_scores_a_serving_swap_as_the_swapped_run_would(finished_run):
+    """`--served_bn_stats=rn` on a batch run = an RN learner's `eval_step` with its weights."""
+    model_dir, _ = finished_run
+    results = evaluation.evaluate_run(model_dir, served_bn_stats="rn")
+    test = results["test"]
+    assert test["served_bn_stats"] == "rn"
+    with open(evaluation.evaluation_path(model_dir, "rn")) as stream:
+        assert json.load(stream)["test"] == test
+    run = runs.RunDir(model_dir)
+    config = run.read_config()
+    rn_config = dataclasses.replace(
+        config, learner=dataclasses.replace(config.learner, bn_stats="rn"))
+    learner = experiment.build_learner(rn_config)
+    run.restore_epoch(learner, test["best_epoch"])
+    trainer = Trainer(learner)
+    accuracies = []
+    test_set = experiment.load_class_sets(config)["test"]
+    for batch in experiment.eval_tasks(config, test_set, "test", config.test_tasks):
+        result = trainer.eval_step(batch)
+        correct = result["logits"].numpy().argmax(axis=-1) == result["labels"].numpy()
+        accuracies.extend(correct.mean(axis=1))
+    np.testing.assert_array_equal(test["per_task"]["served_accuracy"], accuracies)
+    batch_results = json.load(open(os.path.join(model_dir, "results.json")))["test"]
+    assert test["per_task"]["accuracy"] == batch_results["per_task"]["accuracy"]
+    process = subprocess.run(
+        [sys.executable, "-m", "mamlpp_tf.evaluate", f"--model_dir={model_dir}",
+         "--served_bn_stats=tasknorm"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode != 0 and len(errors) == 1, process.stderr[-2000:]
+    assert "--served_bn_stats=tasknorm" in errors[0]
+
+
 def test_a_batch_statistics_run_reports_its_served_accuracy_beside_the_protocol(
         finished_run):
     model_dir, stdout = finished_run
@@ -181,11 +215,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     (["--nolearn_inner_lr", "--inner_update=meta_sgd"], "learn_inner_lr"),
     (["--n_way=25"], "n_way=25"),
     (["--dataset=omniglot", "--k_shot=15", "--n_query=6"], "k_shot"),
-    (["--bn_stats=running", "--noper_step_bn"], "per_step_bn"),
+    (["--bn_stats=running"], "bn_stats='support'"),
+    (["--tasknorm_alpha=layer"], "tasknorm_alpha=layer"),
     (["--meta_batch_size=0"], "meta_batch_size"),
     (["--strategy=mirrored", "--cpu_replicas=3"], "meta_batch_size=2"),
-    (["--inner_update=meta_sgd", "--nolearn_inner_lr", "--bn_stats=running",
-      "--noper_step_bn"], "; flags"),
+    (["--inner_update=meta_sgd", "--nolearn_inner_lr", "--bn_stats=running"],
+     "; flag --bn_stats=running"),
 ])
 def test_bad_flags_give_one_named_line(tmp_path, extra, named):
     code, _, stderr = run_job(str(tmp_path / "bad"), *extra)

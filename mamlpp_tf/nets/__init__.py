@@ -19,7 +19,12 @@ from mamlpp_tf.nets.base import (
     has_task_batched_pass,
 )
 from mamlpp_tf.nets.keras_model import KerasBackbone
-from mamlpp_tf.nets.layers import BN_STATS_MODES, CONTEXT_BN_STATS, PerStepBatchNorm
+from mamlpp_tf.nets.layers import (
+    BN_STATS_MODES,
+    CONTEXT_BN_STATS,
+    TASKNORM_ALPHAS,
+    PerStepBatchNorm,
+)
 from mamlpp_tf.nets.mlp import MLPBackbone
 from mamlpp_tf.nets.registry import backbone_names, build_backbone, register_backbone
 from mamlpp_tf.nets.resnet12 import ResNet12Backbone
@@ -28,6 +33,7 @@ from mamlpp_tf.nets.vgg import VGGBackbone
 __all__ = [
     "BN_STATS_MODES",
     "CONTEXT_BN_STATS",
+    "TASKNORM_ALPHAS",
     "Backbone",
     "BatchMoments",
     "FastWeightNetwork",

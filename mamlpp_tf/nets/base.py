@@ -206,8 +206,10 @@ class FastWeightNetwork(keras.layers.Layer):
       num_steps: Inner steps `S`, i.e. rows of the per-step batch norms.
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
       bn_stats: One of `layers.BN_STATS_MODES`; see `PerStepBatchNorm`.
-      context_size: For an exported task model under `"tasknorm"`: the support
-        size its stored context moments come from.
+      context_size: For an exported task model under `"tasknorm"` or `"rn"`:
+        the support size its stored context moments come from.
+      tasknorm_alpha: TaskNorm's α granularity (`layers.TASKNORM_ALPHAS`).
+      tasknorm_unbiased: TaskNorm blends unbiased variances.
       **kwargs: Standard layer arguments (`name`, `dtype`). A mixed dtype
         policy (`"mixed_bfloat16"`) runs the products given to `low_precision`
         in its compute dtype; variables, batch norm and everything the inner
@@ -215,12 +217,15 @@ class FastWeightNetwork(keras.layers.Layer):
     """
 
     def __init__(self, num_steps: int = 5, per_step_bn: bool = True, bn_stats: str = "batch",
-                 context_size: int | None = None, **kwargs):
+                 context_size: int | None = None, tasknorm_alpha: str = "step",
+                 tasknorm_unbiased: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.num_steps = int(num_steps)
         self.per_step_bn = bool(per_step_bn)
         self.bn_stats = bn_stats
         self.context_size = context_size
+        self.tasknorm_alpha = tasknorm_alpha
+        self.tasknorm_unbiased = bool(tasknorm_unbiased)
         self.norms: list[PerStepBatchNorm] = []
         self.weights_by_name: dict[str, keras.Variable] = {}
 
@@ -228,6 +233,8 @@ class FastWeightNetwork(keras.layers.Layer):
         """A per-step batch norm with the network's settings, tracked as attribute `name`."""
         norm = PerStepBatchNorm(self.num_steps, per_step=self.per_step_bn,
                                 bn_stats=self.bn_stats, context_size=self.context_size,
+                                tasknorm_alpha=self.tasknorm_alpha,
+                                tasknorm_unbiased=self.tasknorm_unbiased,
                                 name=name, dtype=self.dtype_policy.variable_dtype)
         self.norms.append(norm)
         # Plain attributes are what tf.train.Checkpoint tracks (not list items).
@@ -303,5 +310,7 @@ class FastWeightNetwork(keras.layers.Layer):
         """The batch-norm settings; subclasses add their own arguments."""
         config = super().get_config()
         config.update(num_steps=self.num_steps, per_step_bn=self.per_step_bn,
-                      bn_stats=self.bn_stats, context_size=self.context_size)
+                      bn_stats=self.bn_stats, context_size=self.context_size,
+                      tasknorm_alpha=self.tasknorm_alpha,
+                      tasknorm_unbiased=self.tasknorm_unbiased)
         return config

@@ -167,8 +167,8 @@ def _clone(model: keras.Model, settings: Mapping[str, Any], replace_batch_norm: 
 
     Args:
       model: A built Sequential or functional model.
-      settings: `num_steps`, `per_step_bn`, `bn_stats`, `context_size` of the
-        per-step batch norms.
+      settings: `num_steps`, `per_step_bn`, `bn_stats`, `context_size`,
+        `tasknorm_alpha`, `tasknorm_unbiased` of the per-step batch norms.
       replace_batch_norm: Convert stock batch norms (else refuse them).
 
     Returns:
@@ -194,6 +194,8 @@ def _clone(model: keras.Model, settings: Mapping[str, Any], replace_batch_norm: 
             clone = _ScopedBatchNorm(
                 settings["num_steps"], per_step=settings["per_step_bn"],
                 bn_stats=settings["bn_stats"], context_size=settings["context_size"],
+                tasknorm_alpha=settings["tasknorm_alpha"],
+                tasknorm_unbiased=settings["tasknorm_unbiased"],
                 name=name, dtype=layer.dtype_policy.variable_dtype, **_norm_arguments(layer))
         else:
             clone = layer.__class__.from_config({**layer.get_config(), "name": name})
@@ -274,8 +276,10 @@ class KerasBackbone(keras.layers.Layer):
       num_steps: Inner steps `S`, i.e. rows of the per-step batch norms.
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
       bn_stats: One of `layers.BN_STATS_MODES`; see `PerStepBatchNorm`.
-      context_size: For an exported task model under `"tasknorm"`: the support
-        size its stored context moments come from.
+      context_size: For an exported task model under `"tasknorm"` or `"rn"`:
+        the support size its stored context moments come from.
+      tasknorm_alpha: TaskNorm's α granularity (`layers.TASKNORM_ALPHAS`).
+      tasknorm_unbiased: TaskNorm blends unbiased variances.
       replace_batch_norm: Convert `keras.layers.BatchNormalization` layers
         (momentum `m` becomes PyTorch's `1 − m`, epsilon is kept, regularizers
         and constraints are dropped) or refuse them.
@@ -297,6 +301,7 @@ class KerasBackbone(keras.layers.Layer):
 
     def __init__(self, model: keras.Model, *, num_steps: int, per_step_bn: bool = True,
                  bn_stats: str = "batch", context_size: int | None = None,
+                 tasknorm_alpha: str = "step", tasknorm_unbiased: bool = False,
                  replace_batch_norm: bool = True, name: str = "backbone"):
         if not isinstance(model, keras.Model):
             raise TypeError(f"KerasBackbone needs a keras.Model, got {type(model).__name__}")
@@ -306,7 +311,9 @@ class KerasBackbone(keras.layers.Layer):
             raise ValueError(f"model {model.name!r} has {len(model.inputs)} inputs and "
                              f"{len(model.outputs)} outputs; a backbone maps images to logits")
         settings = dict(num_steps=int(num_steps), per_step_bn=bool(per_step_bn),
-                        bn_stats=bn_stats, context_size=context_size)
+                        bn_stats=bn_stats, context_size=context_size,
+                        tasknorm_alpha=tasknorm_alpha,
+                        tasknorm_unbiased=bool(tasknorm_unbiased))
         clone, pairs = _clone(model, settings, replace_batch_norm)
         fast_layers = [target for _, target in pairs if not isinstance(target, _ScopedBatchNorm)]
         super().__init__(name=name,

@@ -57,9 +57,11 @@ class MLPBackbone(FastWeightNetwork):
       num_steps: Inner steps `S`, i.e. rows of the per-step batch norm.
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
       bn_stats: One of `layers.BN_STATS_MODES`; see `PerStepBatchNorm`.
-      context_size: For an exported task model under `"tasknorm"`: the support
-        size its stored context moments come from (see `PerStepBatchNorm`).
-      **kwargs: Standard layer arguments (`name`, `dtype`). A mixed dtype
+      context_size: For an exported task model under `"tasknorm"` or `"rn"`:
+        the support size its stored context moments come from (see
+        `PerStepBatchNorm`).
+      **kwargs: TaskNorm's options (`tasknorm_alpha`, `tasknorm_unbiased`; see
+        `FastWeightNetwork`) and standard layer arguments (`name`, `dtype`). A mixed dtype
         policy (`"mixed_bfloat16"`) runs the matmuls in its compute dtype;
         variables, biases, batch norm, activations and everything the inner
         loop updates stay in the variable dtype.

@@ -65,6 +65,8 @@ def build_backbone(config: LearnerConfig, **overrides: Any) -> Backbone:
                          f"{backbone_names()}")
     common = dict(n_way=config.n_way, image_shape=config.image_shape,
                   num_steps=config.inner_steps, per_step_bn=config.per_step_bn,
-                  bn_stats=config.bn_stats, dtype=config.dtype_policy, name="backbone")
+                  bn_stats=config.bn_stats, tasknorm_alpha=config.tasknorm_alpha,
+                  tasknorm_unbiased=config.tasknorm_unbiased, dtype=config.dtype_policy,
+                  name="backbone")
     common.update(overrides)
     return _BUILDERS[config.backbone](config, **common)

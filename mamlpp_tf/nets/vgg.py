@@ -64,9 +64,11 @@ class VGGBackbone(FastWeightNetwork):
       per_step_bn: Per-step gamma/beta/statistics (MAML++) or shared (MAML).
       bn_stats: One of `layers.BN_STATS_MODES`; see `PerStepBatchNorm`.
       pool_impl: `"max_pool"` or `"reshape"` (XLA-safe second derivative).
-      context_size: For an exported task model under `"tasknorm"`: the support
-        size its stored context moments come from (see `PerStepBatchNorm`).
-      **kwargs: Standard layer arguments (`name`, `dtype`). A mixed dtype
+      context_size: For an exported task model under `"tasknorm"` or `"rn"`:
+        the support size its stored context moments come from (see
+        `PerStepBatchNorm`).
+      **kwargs: TaskNorm's options (`tasknorm_alpha`, `tasknorm_unbiased`; see
+        `FastWeightNetwork`) and standard layer arguments (`name`, `dtype`). A mixed dtype
         policy (`"mixed_bfloat16"`) runs the convolutions and the head's
         matmul in its compute dtype; variables, batch norm, activations
         between layers and everything the inner loop updates stay in the
