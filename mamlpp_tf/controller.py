@@ -8,8 +8,9 @@ loop, the checkpoint cadence and the summaries live here, the step there.
 
 Re-running the same run resumes from the last checkpoint (a kill at any
 moment loses at most `--checkpoint_every` iterations); a finished run returns
-its results instead of training again. SIGTERM/SIGINT save a checkpoint at
-the next step boundary and raise `Interrupted`. With several workers, only
+its results instead of training again. SIGTERM/SIGINT raise
+`stop_signals.Interrupted`: in a meta-step after checkpointing it, elsewhere
+(tracing, validation, the final test) at once. With several workers, only
 the chief (`strategy.extended.should_checkpoint`) writes; the others take
 part in every save.
 """
@@ -20,7 +21,6 @@ from collections.abc import Callable
 import contextlib
 import os
 import platform
-import signal
 import time
 
 from absl import logging
@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import data, distribute, evaluation, experiment, runs, schedules
+from mamlpp_tf import data, distribute, evaluation, experiment, runs, schedules, stop_signals
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 from mamlpp_tf.trainer import Trainer
@@ -40,40 +40,8 @@ INJECT_NAN_ENV = "MAMLPP_TF_INJECT_NAN_AT"
 Progress = Callable[[int, int, float, float], None]
 
 
-class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint."""
-
-    def __init__(self, signum: int, iteration: int):
-        super().__init__(f"stopped by signal {signum} at iteration {iteration}; checkpoint "
-                         "saved, re-run the same command to resume")
-        self.signum = signum
-
-
 class NonFiniteUpdate(Exception):
     """A meta-step produced a NaN/Inf loss or gradient under `--nan_policy=stop`."""
-
-
-class _SignalFlag:
-    """Records SIGTERM/SIGINT so the loop can checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.signum is not None:  # A second signal: stop now.
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def train(config: RunConfig, log_every: int = 10,
@@ -102,34 +70,45 @@ def train(config: RunConfig, log_every: int = 10,
       ValueError: incompatible `model_dir`, episodes that do not fit the data, or
         a `model_dir` in use by another process (`runs.RunLockedError`).
       data.DatasetNotFoundError: the dataset is missing.
-      Interrupted: a signal stopped training (after checkpointing).
+      stop_signals.Interrupted: a signal stopped the job.
       NonFiniteUpdate: a non-finite update under `--nan_policy=stop`.
     """
     start_time = time.time()
-    strategy = distribute.resolve(config.strategy, config.meta_batch_size, config.cpu_replicas)
-    chief = strategy.extended.should_checkpoint
     run = runs.RunDir(config.model_dir)
-    if chief:
-        run.check_config(config, override=override_config)
-    finished = run.read_results()
-    if finished is not None:
-        logging.info("Run in %s already finished; not training again.", config.model_dir)
-        return finished
-    sets = experiment.load_class_sets(config)
-    learner = experiment.build_learner(config, strategy)
-    with strategy.scope():
-        trainer = Trainer(learner)
-    replicas = strategy.num_replicas_in_sync
-    val_tasks = experiment.eval_tasks(config, sets["val"], "val", config.val_tasks, replicas)
-    # Built only to fail now, not after training, if the test tasks do not fit.
-    experiment.eval_tasks(config, sets["test"], "test", config.test_tasks, replicas)
-    with runs.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+    with stop_signals.StopSignals(resume=lambda: _resume_text(run)) as signals:
+        strategy = distribute.resolve(config.strategy, config.meta_batch_size,
+                                      config.cpu_replicas)
+        chief = strategy.extended.should_checkpoint
         if chief:
-            run.write_or_check_config(config, override=override_config)
-        loop = _Loop(config, strategy, run, trainer, val_tasks, log_every,
-                     on_iteration, progress)
-        loop.train(sets["train"])
-        return loop.test(sets["test"], start_time)
+            run.check_config(config, override=override_config)
+        finished = run.read_results()
+        if finished is not None:
+            logging.info("Run in %s already finished; not training again.", config.model_dir)
+            return finished
+        sets = experiment.load_class_sets(config)
+        learner = experiment.build_learner(config, strategy)
+        with strategy.scope():
+            trainer = Trainer(learner)
+        replicas = strategy.num_replicas_in_sync
+        val_tasks = experiment.eval_tasks(config, sets["val"], "val", config.val_tasks, replicas)
+        # Built only to fail now, not after training, if the test tasks do not fit.
+        experiment.eval_tasks(config, sets["test"], "test", config.test_tasks, replicas)
+        with runs.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+            if chief:
+                run.write_or_check_config(config, override=override_config)
+            loop = _Loop(config, strategy, run, trainer, val_tasks, log_every,
+                         on_iteration, progress, signals)
+            loop.train(sets["train"])
+            return loop.test(sets["test"], start_time)
+
+
+def _resume_text(run: runs.RunDir) -> str:
+    """What a resume of `run` starts from, for the message of `Interrupted`."""
+    latest = tf.train.latest_checkpoint(run.latest_dir) if os.path.isdir(
+        run.latest_dir) else None
+    if latest is None:
+        return "no checkpoint yet"
+    return f"resumes from {os.path.basename(latest)}"
 
 
 class _Loop:
@@ -145,14 +124,17 @@ class _Loop:
       trainer: The trainer, built under `strategy.scope()`.
       val_tasks: The fixed validation tasks.
       log_every, on_iteration, progress: As for `train`.
+      signals: The job's signal handling; the loop sets its phase and defers
+        it around steps and writes.
     """
 
     def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy, run: runs.RunDir,
                  trainer: Trainer, val_tasks: tf.data.Dataset, log_every: int,
-                 on_iteration: Callable[[int], None] | None, progress: Progress | None):
+                 on_iteration: Callable[[int], None] | None, progress: Progress | None,
+                 signals: stop_signals.StopSignals):
         self.config, self.strategy, self.run, self.trainer = config, strategy, run, trainer
         self.val_tasks, self.log_every = val_tasks, log_every
-        self.on_iteration, self.progress = on_iteration, progress
+        self.on_iteration, self.progress, self.signals = on_iteration, progress, signals
         self.chief = strategy.extended.should_checkpoint
         self.per_epoch = config.learner.iterations_per_epoch
         self.total = config.learner.epochs * self.per_epoch
@@ -163,9 +145,10 @@ class _Loop:
         self.manager = run.latest_manager(trainer, self.counters)
         _restore_latest(self.manager)
         self.iteration = int(self.counters["iteration"].numpy())
-        # Epoch-end checkpoints are written after validation, so every epoch before
-        # the restored one has a history entry; later entries are from a crash and
-        # are recomputed (identically: training is deterministic given the seed).
+        # The training state of an epoch's end is saved before its validation, and
+        # its history entry after: entries of later epochs are from a crash and are
+        # recomputed (identically: training is deterministic given the seed), and an
+        # epoch restored unvalidated is validated first.
         self.history = [h for h in run.read_history()
                         if h["epoch"] < self.iteration // self.per_epoch]
         self.writers = {
@@ -175,10 +158,17 @@ class _Loop:
     def train(self, train_set: data.ClassSet) -> None:
         """Meta-trains from the restored iteration to the last one.
 
+        A signal during a meta-step lets the step finish, checkpoints and
+        raises; during validation it raises at once (the epoch's end is
+        checkpointed already; a resume validates it again).
+
         Raises:
-          Interrupted: a signal stopped training (after checkpointing).
+          stop_signals.Interrupted: a signal stopped training.
           NonFiniteUpdate: as `_non_finite`.
         """
+        if self.iteration and self.iteration % self.per_epoch == 0 and len(
+                self.history) < self.iteration // self.per_epoch:
+            self.history.append(self._end_epoch(self.iteration // self.per_epoch - 1))
         if self.iteration >= self.total:
             return
         tasks = experiment.train_tasks(self.config, train_set, self.iteration)
@@ -186,18 +176,21 @@ class _Loop:
         if poison_at > self.iteration:
             tasks = _poison(tasks, poison_at - self.iteration - 1)
         tasks = distribute.distribute_dataset(self.strategy, tasks)
-        with _SignalFlag() as signals:
-            for batch in tasks:
-                epoch = self.iteration // self.per_epoch
+        signals = self.signals
+        for batch in tasks:
+            epoch = self.iteration // self.per_epoch
+            signals.phase = f"meta-iteration {self.iteration + 1} (epoch {epoch})"
+            with signals.deferred():
                 self._step(batch, epoch)
-                if self.iteration % self.per_epoch == 0:
-                    self.history.append(self._end_epoch(epoch))
-                elif self.iteration % self.config.checkpoint_every == 0 or signals.signum:
+                if (self.iteration % self.per_epoch == 0 or signals.signum or
+                        self.iteration % self.config.checkpoint_every == 0):
                     self._save()
-                if signals.signum:
-                    raise Interrupted(signals.signum, self.iteration)
-                if self.iteration >= self.total:
-                    break
+            if signals.signum:
+                signals.raise_interrupted()
+            if self.iteration % self.per_epoch == 0:
+                self.history.append(self._end_epoch(epoch))
+            if self.iteration >= self.total:
+                break
 
     def _step(self, batch, epoch: int) -> None:
         """One meta-step, its bookkeeping, progress and training summaries."""
@@ -241,27 +234,30 @@ class _Loop:
             distribute.write_as_non_chief(self.manager.checkpoint)
 
     def _end_epoch(self, epoch: int) -> dict:
-        """Validates, then saves model, history and training state in a crash-safe order."""
+        """Validates the checkpointed end of `epoch`, then keeps its model and history entry."""
         learner = self.trainer.learner
+        self.signals.phase = f"validation of epoch {epoch}"
         result = evaluation.evaluate(self.trainer, self.val_tasks, self.strategy)
         entry = dict(epoch=epoch, loss=float(result.losses.mean()),
                      **evaluation.summarize(result.accuracies))
         logging.info("epoch %d: val accuracy %.4f ± %.4f, loss %.4f", epoch,
                      entry["accuracy"], entry["ci95"], entry["loss"])
-        if self.chief:
-            # Order matters for crash safety: model of this epoch, then the history
-            # that ranks it, then the training state that marks the epoch done.
-            self.run.save_epoch(learner, epoch)
-            self.run.write_history(self.history + [entry])
-            self.manager.save(checkpoint_number=self.iteration)
-            self.run.prune_epochs(runs.top_epochs(self.history + [entry],
-                                                  self.config.ensemble_top_k))
-            _epoch_summaries(self.writers, learner, self.config, entry, self.iteration)
-        else:  # The same saves as the chief's, in the same order.
-            distribute.write_as_non_chief(tf.train.Checkpoint(**learner.checkpoint_items()))
-            distribute.write_as_non_chief(self.manager.checkpoint)
-        # Other workers may read this epoch's checkpoint (final test) once past here.
-        distribute.barrier(self.strategy)
+        self.signals.phase = f"the writes of epoch {epoch}"
+        with self.signals.deferred():
+            if self.chief:
+                # Order matters for crash safety: the model of this epoch, then the
+                # history that ranks it and marks the epoch done.
+                self.run.save_epoch(learner, epoch)
+                self.run.write_history(self.history + [entry])
+                self.run.prune_epochs(runs.top_epochs(self.history + [entry],
+                                                      self.config.ensemble_top_k))
+                _epoch_summaries(self.writers, learner, self.config, entry, self.iteration)
+            else:  # The same saves as the chief's, in the same order.
+                distribute.write_as_non_chief(tf.train.Checkpoint(**learner.checkpoint_items()))
+            # Other workers may read this epoch's checkpoint (final test) once past here.
+            distribute.barrier(self.strategy)
+        if self.signals.signum:
+            self.signals.raise_interrupted()
         return entry
 
     def test(self, test_set: data.ClassSet, start_time: float) -> dict:
@@ -280,6 +276,7 @@ class _Loop:
         if not self.history:
             raise ValueError(f"--model_dir={self.config.model_dir}: no validated epoch to test")
         config = self.config
+        self.signals.phase = "the final test"
         results = evaluation.run_test(config, self.run, self.trainer, test_set, self.history,
                                       self.strategy)
         results.update(validation=self.history, config=config.to_dict(), seeds=_seeds(config),
@@ -287,6 +284,7 @@ class _Loop:
                        skipped_updates=int(self.counters["skipped_updates"].numpy()),
                        wall_time_s=round(time.time() - start_time, 1))
         if self.chief:
+            self.signals.phase = "the write of results.json"
             self.run.write_results(results)
         return results
 

@@ -4,8 +4,9 @@
 
 Re-running the same command resumes from the last checkpoint (a kill at any
 moment loses at most `--checkpoint_every` iterations); a finished run prints its
-results instead of training again. SIGTERM/SIGINT save a checkpoint and exit
-with status 128 + signal number.
+results instead of training again. SIGTERM/SIGINT end the job within seconds
+in any phase, with status 128 + signal number and a line saying where it
+stopped and what a resume starts from (`mamlpp_tf.stop_signals`).
 
 Flags, data and task splits are checked before anything is written to
 `--model_dir`, so a start that fails claims nothing; a directory that holds no
@@ -29,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import cli, controller, evaluation
+from mamlpp_tf import cli, controller, evaluation, stop_signals
 from mamlpp_tf import flags as run_flags
 
 
@@ -131,7 +132,7 @@ def _train() -> str:
     except controller.NonFiniteUpdate as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
-    except controller.Interrupted as stop:
+    except stop_signals.Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)
     return evaluation.format_results(results)
