@@ -129,3 +129,19 @@ def test_nan_policy_skip_finishes_and_counts_the_skip(finished_run, tmp_path):
     assert reference["skipped_updates"] == 0
     # One withheld update changes the trajectory: the runs differ.
     assert results["validation"] != reference["validation"]
+
+
+def test_an_epoch_checkpointed_but_not_validated_is_validated_on_resume(finished_run, tmp_path):
+    """The state a signal or kill during the last validation leaves: its end saved, no entry."""
+    model_dir = str(tmp_path / "unvalidated")
+    shutil.copytree(finished_run[0], model_dir)
+    os.remove(os.path.join(model_dir, "results.json"))
+    history_path = os.path.join(model_dir, "history.json")
+    history = json.load(open(history_path))
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    json.dump(history[:1], open(history_path, "w"))
+    shutil.rmtree(os.path.join(model_dir, "checkpoints", "epoch_001"), ignore_errors=True)
+    code, _, stderr = run_job(model_dir)
+    assert code == 0, stderr[-3000:]
+    assert json.load(open(history_path)) == history
+    assert comparable_results(model_dir) == comparable_results(finished_run[0])
