@@ -104,8 +104,7 @@ def train(config: RunConfig, log_every: int = 10,
 
 def _resume_text(run: runs.RunDir) -> str:
     """What a resume of `run` starts from, for the message of `Interrupted`."""
-    latest = tf.train.latest_checkpoint(run.latest_dir) if os.path.isdir(
-        run.latest_dir) else None
+    latest = tf.train.latest_checkpoint(run.latest_dir)  # None without a checkpoint.
     if latest is None:
         return "no checkpoint yet"
     return f"resumes from {os.path.basename(latest)}"
