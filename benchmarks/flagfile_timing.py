@@ -85,22 +85,28 @@ def _main(argv: list[str]) -> None:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     # pylint: disable=import-outside-toplevel
-    from mamlpp_tf import experiment, schedules
     from mamlpp_tf import flags as job_flags
-    from mamlpp_tf.trainer import Trainer
+    from mamlpp_tf import schedules
+    from mamlpp_tf.training.run import Run
 
     import timing
 
     config = job_flags.run_config_from_flags()
     learner_config = config.learner
-    learner = experiment.build_learner(config)
-    trainer = Trainer(learner)
+    trainer = Run(config).trainer
+    learner = trainer.learner
     epoch = max(0, learner_config.first_order_epochs + 1)
+    first_step = epoch * learner_config.iterations_per_epoch
+
+    def train_step():
+        trainer.step.assign(first_step)  # Every timed step in `epoch`'s mode.
+        return trainer.train_step(batch)["loss"].numpy()
+
     batch = tuple(tf.constant(a) for a in timing.synthetic_episodes(
         learner_config.n_way, config.k_shot, config.n_query, config.meta_batch_size,
         learner_config.image_shape))
     steps, max_foreign = FLAGS.timing_steps, FLAGS.timing_max_foreign_cpu
-    timings = timing.time_case(lambda: trainer.train_step(batch, epoch)["loss"].numpy(),
+    timings = timing.time_case(train_step,
                                lambda: trainer.eval_step(batch)["loss"].numpy(),
                                steps, max_foreign)
     train, evaluation = timings["train"], timings["eval"]

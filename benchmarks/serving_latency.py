@@ -96,8 +96,8 @@ def build_models(work_dir: str, cases: list[str]) -> dict[str, str]:
 
     from export import saved_models, warmup
     from export.preprocessing import Preprocessing
-    from mamlpp_tf import experiment, runs
     from mamlpp_tf.config import LearnerConfig, RunConfig
+    from mamlpp_tf.training.run import Run
     # pylint: enable=g-import-not-at-top
 
     paths = {}
@@ -114,11 +114,11 @@ def build_models(work_dir: str, cases: list[str]) -> dict[str, str]:
                            k_shot=1,
                            n_query=1,
                            model_dir=model_dir)
-        run = runs.RunDir(model_dir)
-        if not run.kept_epochs():
-            run.write_or_check_config(config)
-            run.save_epoch(experiment.build_learner(config), 0)
-            run.write_history([{"epoch": 0, "accuracy": 0.0, "loss": 0.0, "ci95": 0.0}])
+        run = Run(config)
+        if not run.dir.kept_epochs():
+            run.dir.write_or_check_config(config)
+            run.save_epoch(0)
+            run.dir.write_history([{"epoch": 0, "accuracy": 0.0, "loss": 0.0, "ci95": 0.0}])
         export_dir = os.path.join(work_dir, "models", name)
         if kind == "meta":
             paths[name] = saved_models.export_meta_model(model_dir, export_dir)

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mamlpp_tf.evaluation import summarize  # pylint: disable=wrong-import-position
+from mamlpp_tf.training.evaluation import summarize  # pylint: disable=wrong-import-position
 
 # Case: its flagfile and the flags that shorten it (beside the schedule's).
 CASES = {

@@ -60,10 +60,11 @@ from export.warmup import (
     task_warmup,
     write_warmup,
 )
-from mamlpp_tf import experiment, files, runs, task_model
+from mamlpp_tf import files, task_model
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 from mamlpp_tf.nets import Backbone
+from mamlpp_tf.training.run import Run
 
 # Written beside the SavedModel; TF Serving ignores assets.extra/ except warm-up files.
 INFO_PATH = os.path.join("assets.extra", "export_info.json")
@@ -77,18 +78,15 @@ def restore_learner(model_dir: str,
       FileNotFoundError: `model_dir` holds no run, no validated checkpoint, or
         not the checkpoint of `epoch`.
     """
-    run = runs.RunDir(model_dir)
-    config = run.read_config()
+    run = Run.from_dir(model_dir)
     if epoch is None:
-        kept = set(run.kept_epochs())
-        history = [entry for entry in run.read_history() if entry["epoch"] in kept]
-        if not history:
+        best = run.dir.best_epochs(1)
+        if not best:
             raise FileNotFoundError(f"--model_dir={model_dir} has no validated epoch "
                                     "checkpoint yet; train at least one epoch first")
-        epoch = runs.top_epochs(history, 1)[0]
-    learner = experiment.build_learner(config)
-    run.restore_epoch(learner, epoch)
-    return config, learner, epoch
+        epoch = best[0]
+    run.restore_epoch(epoch)
+    return run.config, run.learner, epoch
 
 
 def _checked(tensor: tf.Tensor, shape: list[int | None]) -> tf.Tensor:
@@ -284,37 +282,39 @@ def write_version(export_dir: str,
 
     Raises:
       ValueError, ImportError: as `write_warmup` (nothing is written then).
-      tf.errors.OpError: the filesystem refused a write (nothing is left).
+      files.WriteError: the filesystem refused a write, naming `export_dir`
+        (nothing is left).
     """
-    created = not tf.io.gfile.isdir(export_dir)
-    tf.io.gfile.makedirs(export_dir)
-    temporary = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
-    try:
-        tf.io.gfile.makedirs(os.path.join(temporary, "assets.extra"))
-        if warmup:
-            # First: a missing tensorflow-serving-api fails before the long write.
-            write_warmup(os.path.join(temporary, WARMUP_PATH),
-                         os.path.basename(os.path.normpath(export_dir)), warmup)
-        archive.write_out(temporary, verbose=False)
-        files.write_json(os.path.join(temporary, INFO_PATH), info)
-        while True:
-            final = os.path.join(export_dir, str(next_version(export_dir)))
-            try:
-                # Fails if the folder exists: a concurrent export took that
-                # version, so take the next one. TF Serving loads a version
-                # once its saved_model.pb is there, so that file moves last.
-                files.publish_dir(temporary, final, "saved_model.pb")
-                return final
-            except tf.errors.OpError:
-                if not tf.io.gfile.exists(final):
-                    raise
-    except BaseException:
-        with contextlib.suppress(tf.errors.OpError):
-            if tf.io.gfile.exists(temporary):
-                tf.io.gfile.rmtree(temporary)
-            if created and not tf.io.gfile.listdir(export_dir):
-                tf.io.gfile.rmtree(export_dir)
-        raise
+    with files.writing(export_dir):
+        created = not tf.io.gfile.isdir(export_dir)
+        tf.io.gfile.makedirs(export_dir)
+        temporary = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
+        try:
+            tf.io.gfile.makedirs(os.path.join(temporary, "assets.extra"))
+            if warmup:
+                # First: a missing tensorflow-serving-api fails before the long write.
+                write_warmup(os.path.join(temporary, WARMUP_PATH),
+                             os.path.basename(os.path.normpath(export_dir)), warmup)
+            archive.write_out(temporary, verbose=False)
+            files.write_json(os.path.join(temporary, INFO_PATH), info)
+            while True:
+                final = os.path.join(export_dir, str(next_version(export_dir)))
+                try:
+                    # Fails if the folder exists: a concurrent export took that
+                    # version, so take the next one. TF Serving loads a version
+                    # once its saved_model.pb is there, so that file moves last.
+                    files.publish_dir(temporary, final, "saved_model.pb")
+                    return final
+                except tf.errors.OpError:
+                    if not tf.io.gfile.exists(final):
+                        raise
+        except BaseException:
+            with contextlib.suppress(tf.errors.OpError):
+                if tf.io.gfile.exists(temporary):
+                    tf.io.gfile.rmtree(temporary)
+                if created and not tf.io.gfile.listdir(export_dir):
+                    tf.io.gfile.rmtree(export_dir)
+            raise
 
 
 def _info(kind: str, config: RunConfig, model_dir: str, epoch: int,

@@ -67,7 +67,7 @@ del keras, tensorflow  # Imported only to load them here; the package's modules 
 from mamlpp_tf.config import LearnerConfig
 from mamlpp_tf.learner import MamlPlusPlus
 from mamlpp_tf.nets import PerStepBatchNorm, VGGBackbone
-from mamlpp_tf.trainer import Trainer
+from mamlpp_tf.training.trainer import Trainer
 from mamlpp_tf.update_rules import PerStepLearningRates
 
 __all__ = [

@@ -11,6 +11,8 @@ from typing import NoReturn
 from absl import app, flags, logging
 import tensorflow as tf
 
+from mamlpp_tf import files
+
 
 def quiet_tensorflow_logs() -> None:
     """Drops TensorFlow's (and TFDS's) INFO/WARNING chatter from the absl log, keeps ours."""
@@ -45,6 +47,10 @@ def exit_on_user_error(error: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+# Exit status of a write the storage refused (sysexits' EX_IOERR).
+STORAGE_FAILURE = 74
+
+
 def run(body: Callable[[], str | None],
         user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
         ) -> None:
@@ -54,6 +60,11 @@ def run(body: Callable[[], str | None],
       body: Does the work from the parsed flags; returns the text to print (or None).
       user_errors: Exceptions that mean bad flags, files or data: reported in one
         line with exit status 2 instead of a traceback.
+
+    A write the storage refuses (`files.WriteError`: a full disk, a read-only
+    directory) is reported in one line naming the path, with status
+    `STORAGE_FAILURE`; the writers leave what was there intact, so the same
+    command goes on once the storage is fixed.
     """
 
     def main(argv: list[str]) -> None:
@@ -62,6 +73,10 @@ def run(body: Callable[[], str | None],
         quiet_tensorflow_logs()
         try:
             text = body()
+        except files.WriteError as error:
+            print(f"error: {error}; what was written before is intact: fix the storage and "
+                  "run the same command again", file=sys.stderr)
+            sys.exit(STORAGE_FAILURE)
         except user_errors as error:
             exit_on_user_error(error)
         if text is not None:

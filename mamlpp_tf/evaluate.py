@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from mamlpp_tf import cli, evaluation, task_model
+from mamlpp_tf import cli, task_model
+from mamlpp_tf.training import evaluation
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string("data_dir", None, "Override the run's --data_dir (e.g. on another "

@@ -22,6 +22,9 @@ What a reader sees while a writer dies depends on the filesystem's rename:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
+import errno
 import json
 import os
 from typing import Any
@@ -31,6 +34,77 @@ import tensorflow as tf
 
 # Prefix of `atomic_write`'s temporaries (hidden, so listings skip them).
 _TEMPORARY_PREFIX = ".tmp_"
+# What a filesystem raises when it refuses a write: Python's and TensorFlow's kinds.
+_STORAGE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
+                   tf.errors.FailedPreconditionError, tf.errors.UnknownError,
+                   tf.errors.NotFoundError)
+# The causes worth naming, as the C library spells them (TensorFlow's messages quote them).
+_CAUSES = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                               errno.EACCES, errno.EPERM, errno.EFBIG,
+                                               errno.EIO))
+
+
+class WriteError(OSError):
+    """A write the storage refused (no space, read-only, no permission), naming the path.
+
+    Raised by `writing`. The writers of this package publish a file or
+    directory only once it is complete, so what `path` held before is intact.
+
+    Attributes:
+      path: What was being written.
+      cause: Why it failed, e.g. "No space left on device".
+    """
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(f"cannot write {path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Raises a storage failure inside the block as one `WriteError` naming `path`.
+
+    TensorFlow reports a full disk under a checkpoint as a `ResourceExhaustedError`
+    that names a temporary file deep inside; callers wrap each write in this so
+    that the error names what the user knows (the checkpoint, the results file).
+
+    Args:
+      path: The file or directory the block writes (a `WriteError` of a file
+        inside it is raised again naming `path`).
+
+    Raises:
+      WriteError: the block raised an `OSError` or a TensorFlow storage error.
+    """
+    try:
+        yield
+    except WriteError as error:  # Of a part: name the whole.
+        raise WriteError(path, error.cause) from error
+    except _STORAGE_ERRORS as error:
+        raise WriteError(path, _cause(error)) from error
+
+
+def _cause(error: BaseException) -> str:
+    """The reason of a storage error in a few words."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    for cause in _CAUSES:
+        if cause in text:
+            return cause
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def remove_quietly(path: str) -> None:
+    """Deletes the file or directory `path` if it can: cleanup after a failed write.
+
+    A failed write's temporaries are never read (they are not published), so
+    a filesystem that refuses this too (read-only) costs only their space.
+    """
+    with contextlib.suppress(*_STORAGE_ERRORS):
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
 
 
 def is_local(path: str) -> bool:
@@ -56,23 +130,23 @@ def atomic_write(path: str, data: bytes | str) -> None:
       data: The content; a `str` is encoded as UTF-8.
 
     Raises:
-      tf.errors.OpError: the filesystem refused a step; the temporary is
-        removed and `path` is left as it was.
+      WriteError: the filesystem refused a step; the temporary is removed (if
+        the filesystem allows) and `path` is left as it was.
     """
     directory, name = os.path.split(path)
-    if directory:
-        tf.io.gfile.makedirs(directory)
     temporary = os.path.join(directory, f"{_TEMPORARY_PREFIX}{name}.{uuid.uuid4().hex}")
-    try:
-        with tf.io.gfile.GFile(temporary, "wb") as stream:
-            stream.write(data.encode("utf-8") if isinstance(data, str) else data)
-        if is_local(temporary):
-            _fsync(temporary)
-        tf.io.gfile.rename(temporary, path, overwrite=True)
-    except BaseException:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.remove(temporary)
-        raise
+    with writing(path):
+        if directory:
+            tf.io.gfile.makedirs(directory)
+        try:
+            with tf.io.gfile.GFile(temporary, "wb") as stream:
+                stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if is_local(temporary):
+                _fsync(temporary)
+            tf.io.gfile.rename(temporary, path, overwrite=True)
+        except BaseException:
+            remove_quietly(temporary)
+            raise
 
 
 def _fsync(path: str) -> None:
@@ -90,7 +164,7 @@ def write_json(path: str, value: Any) -> None:
     Raises:
       TypeError, ValueError: `value` is not JSON-serialisable (nothing is
         written).
-      tf.errors.OpError: as `atomic_write`.
+      WriteError: as `atomic_write`.
     """
     atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
 

@@ -6,7 +6,7 @@ meta-loss, the mean over tasks of the task losses, with the multi-step loss
 and the derivative order annealed by epoch; one replica's
 share of a meta-step (its gradients and batch moments); evaluation; and the
 serving API: `adapt` and `predict`; and the variables by group and by stable
-name. `mamlpp_tf.trainer.Trainer` all-reduces a replica's share, clips, withholds
+name. `mamlpp_tf.training.trainer.Trainer` all-reduces a replica's share, clips, withholds
 non-finite updates and applies the outer optimiser.
 """
 
@@ -52,7 +52,7 @@ class MamlPlusPlus(InnerLoop):
     """MAML++ and its variants (MAML, ANIL, BOIL, Meta-SGD) for few-shot classification.
 
     The single-replica algorithm; it changes no variable but in `set_weights`.
-    Train it with `mamlpp_tf.trainer.Trainer`, both built under
+    Train it with `mamlpp_tf.training.trainer.Trainer`, both built under
     `strategy.scope()` to train with a distribution strategy. What varies
     between the variants are the inner loop's parts (`InnerLoop`): which fast
     weights adapt (`config.adapt`) and the update rule that steps them

@@ -14,10 +14,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import runs, tensorboard_scalars
+from mamlpp_tf import tensorboard_scalars
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
 from mamlpp_tf.nets import PerStepBatchNorm
+from mamlpp_tf.training import run_dir
 
 # Training scalars `train` writes every --log_every iterations.
 _TRAIN_TAGS = ("loss", "accuracy", "meta_lr")
@@ -96,7 +97,7 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
       FileNotFoundError: `model_dir` holds no run or no checkpoint yet.
       ValueError: a checkpoint lacks variables the run's config implies.
     """
-    run = runs.RunDir(model_dir)
+    run = run_dir.RunDir(model_dir)
     config = run.read_config()
     history = run.read_history()
     latest = tf.train.latest_checkpoint(run.latest_dir)
@@ -124,12 +125,12 @@ def load_run(model_dir: str, label: str | None = None) -> Run:
             os.path.join(run.tensorboard_dir, "train"), _TRAIN_TAGS))
 
 
-def _choose_checkpoint(run: runs.RunDir, history: list[dict],
+def _choose_checkpoint(run: run_dir.RunDir, history: list[dict],
                        latest: str | None) -> Checkpoint:
     """The best-validation epoch's model (the single model tested), else the latest."""
     kept = run.kept_epochs()
-    best = runs.top_epochs(history, 1)
-    if best and best[0] in kept:
+    best = run.best_epochs(1, history)
+    if best:
         return Checkpoint(os.path.join(run.epoch_path(best[0]), "model"),
                           f"epoch {best[0]}, best validation")
     if latest is not None:

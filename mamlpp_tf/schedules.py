@@ -83,12 +83,13 @@ def cosine_meta_lr(epoch: int | float, meta_lr: float, min_meta_lr: float,
 
 @keras.saving.register_keras_serializable(package="mamlpp_tf")
 class CosineMetaLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Piecewise-constant cosine schedule keyed by the optimiser's iteration count.
+    """Piecewise-constant cosine schedule keyed by the meta-iteration count.
 
     The official code steps PyTorch's scheduler with the integer epoch, so the
     rate changes only at epoch boundaries: iteration `t` uses
-    `cosine_meta_lr(t // iterations_per_epoch)`. Driving it from
-    `optimizer.iterations` makes a restored checkpoint resume the schedule.
+    `cosine_meta_lr(t // iterations_per_epoch)`. `Trainer` drives it from its
+    checkpointed `step`, the counter MSL and derivative-order annealing follow
+    too, so a restored checkpoint resumes the schedule.
 
     Args:
       meta_lr: Initial (maximum) rate.
@@ -108,7 +109,7 @@ class CosineMetaLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.iterations_per_epoch = int(iterations_per_epoch)
 
     def __call__(self, step):
-        """The learning rate at optimizer step `step`, constant within an epoch."""
+        """The learning rate at meta-iteration `step` (0-based), constant within an epoch."""
         epoch = tf.math.floordiv(tf.cast(step, tf.int64), self.iterations_per_epoch)
         cosine = tf.cos(math.pi * tf.cast(epoch, tf.float32) / self.total_epochs)
         return self.min_meta_lr + (self.meta_lr - self.min_meta_lr) * (1.0 +

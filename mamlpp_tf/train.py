@@ -6,7 +6,7 @@ Re-running the same command resumes from the last checkpoint (a kill at any
 moment loses at most `--checkpoint_every` iterations); a finished run prints its
 results instead of training again. SIGTERM/SIGINT end the job within seconds
 in any phase, with status 128 + signal number and a line saying where it
-stopped and what a resume starts from (`mamlpp_tf.stop_signals`).
+stopped and what a resume starts from (`mamlpp_tf.training.stop_signals`).
 
 Flags, data and task splits are checked before anything is written to
 `--model_dir`, so a start that fails claims nothing; a directory that holds no
@@ -15,8 +15,8 @@ flags. Progress: a live bar on a terminal; in a log file (stdout not a
 terminal), a line every `--log_every` iterations with the rate and the ETA.
 `--help` lists the job's flags, `--helpfull` those of every library too.
 
-This module is the command line (flags → `RunConfig` → `controller.train`)
-and its progress display; the job itself is `mamlpp_tf.controller`.
+This module is the command line (flags → `RunConfig` → `loop.train`)
+and its progress display; the job itself is `mamlpp_tf.training.loop`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import cli, controller, evaluation, stop_signals
+from mamlpp_tf import cli
 from mamlpp_tf import flags as run_flags
+from mamlpp_tf.training import evaluation, loop, stop_signals
 
 
 class ProgressBar:
@@ -126,10 +127,10 @@ def _train() -> str:
     total = config.learner.epochs * config.learner.iterations_per_epoch
     progress = progress_reporter(total, log_every, terminal=sys.stdout.isatty())
     try:
-        results = controller.train(config, log_every=log_every,
+        results = loop.train(config, log_every=log_every,
                                    override_config=run_flags.FLAGS.override_config,
                                    progress=progress.update)
-    except controller.NonFiniteUpdate as error:
+    except loop.NonFiniteUpdate as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
     except stop_signals.Interrupted as stop:

@@ -144,9 +144,17 @@ TINY = [
 ]
 
 
-def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True, env=None):
-    """Runs an entry point on the TINY synthetic config; returns (code, stdout, stderr)."""
-    command = [sys.executable, "-m", module, f"--model_dir={model_dir}"]
+def run_job(model_dir, *extra, module="mamlpp_tf.train", wait=True, env=None, fault=()):
+    """Runs an entry point on the TINY synthetic config; returns (code, stdout, stderr).
+
+    `fault`: the arguments of tests/fault_injection.py (e.g. `("nan", "5")`),
+    which runs the training job with that fault injected.
+    """
+    if fault:
+        command = [sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), *fault]
+    else:
+        command = [sys.executable, "-m", module]
+    command.append(f"--model_dir={model_dir}")
     command += ([] if module != "mamlpp_tf.train" else TINY) + list(extra)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,

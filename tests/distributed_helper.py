@@ -26,9 +26,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import distribute, files
+from mamlpp_tf import files
 from mamlpp_tf.learner import MamlPlusPlus
-from mamlpp_tf.trainer import Trainer
+from mamlpp_tf.training import distribute
+from mamlpp_tf.training.trainer import Trainer
 
 from conftest import random_batch, tiny_config
 
@@ -50,7 +51,7 @@ def _meta_steps(strategy: tf.distribute.Strategy, config, batches) -> dict:
     dataset = tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(p) for p in zip(*batches)))
     losses = [
-        float(trainer.train_step(batch, epoch=0)["loss"])
+        float(trainer.train_step(batch)["loss"])
         for batch in distribute.distribute_dataset(strategy, dataset)
     ]
     copies = [

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import distribute, tensorboard_scalars
+from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf.training import distribute
 
 from conftest import ROOT, TINY, run_job
 

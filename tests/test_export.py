@@ -43,10 +43,12 @@ except ImportError:  # Optional: the exports' warm-up records and gRPC need it.
 
 from export import preprocessing, saved_models, serving_requests, warmup
 from export.support import class_folders, load_support
-from mamlpp_tf import experiment, runs, task_model
+from mamlpp_tf import task_model
 from mamlpp_tf.config import LearnerConfig, RunConfig
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
-from mamlpp_tf.trainer import Trainer
+from mamlpp_tf.training.run import Run
+from mamlpp_tf.training.run_dir import RunDir
+from mamlpp_tf.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = os.path.join(ROOT, "export", "serving")
@@ -80,9 +82,9 @@ def make_run(model_dir: str, bn_stats: str = "batch", seed: int = 0) -> str:
                        test_tasks=2,
                        ensemble_top_k=1,
                        model_dir=model_dir)
-    run = runs.RunDir(model_dir)
-    run.write_or_check_config(config)
-    learner = experiment.build_learner(config)
+    run = Run(config)
+    run.dir.write_or_check_config(config)
+    learner = run.learner
     rng = np.random.RandomState(seed)
     draws = dict(gamma=lambda shape: rng.uniform(0.5, 1.5, shape),
                  beta=lambda shape: rng.normal(0.0, 0.2, shape),
@@ -95,8 +97,8 @@ def make_run(model_dir: str, bn_stats: str = "batch", seed: int = 0) -> str:
         if kind in draws:
             weights[name] = draws[kind](value.shape)
     learner.set_weights(weights)
-    run.save_epoch(learner, EPOCH)
-    run.write_history([{"epoch": EPOCH, "accuracy": 0.5, "loss": 1.0, "ci95": 0.1}])
+    run.save_epoch(EPOCH)
+    run.dir.write_history([{"epoch": EPOCH, "accuracy": 0.5, "loss": 1.0, "ci95": 0.1}])
     return model_dir
 
 
@@ -298,7 +300,7 @@ def test_blended_run_exports_models_that_answer_each_image_as_eval_step(
             scale = 0.3 if name.endswith("/alpha_scale") else 1.0
             weights[name] = rng.normal(0.0, scale, value.shape)
     learner.set_weights(weights)
-    runs.RunDir(model_dir).save_epoch(learner, EPOCH)
+    RunDir(model_dir).save_epoch(learner.checkpoint_items(), EPOCH)
     task_path = saved_models.export_task_model(model_dir, exported.support_dir,
                                                str(tmp_path / "task"))
     meta_path = saved_models.export_meta_model(model_dir, str(tmp_path / "meta"))

@@ -8,10 +8,12 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import runs
+from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf.training import run_dir
 
 from conftest import comparable_results, run_job
 
@@ -53,7 +55,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished_run
 
 def test_a_second_process_on_the_same_model_dir_is_refused(tmp_path):
     model_dir = str(tmp_path / "locked")
-    with runs.RunLock(model_dir):
+    with run_dir.RunLock(model_dir):
         code, _, stderr = run_job(model_dir)
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -65,9 +67,9 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
     model_dir = tmp_path / "stale"
     model_dir.mkdir()
     (model_dir / "lock").write_text("999999")  # No process holds the flock.
-    with runs.RunLock(str(model_dir)):
+    with run_dir.RunLock(str(model_dir)):
         assert (model_dir / "lock").read_text() == str(os.getpid())
-    with runs.RunLock(str(model_dir)):  # Released on exit: takeable again.
+    with run_dir.RunLock(str(model_dir)):  # Released on exit: takeable again.
         pass
 
 
@@ -109,7 +111,7 @@ def test_sigkill_at_ten_random_moments_loses_nothing(finished_run, tmp_path):
 
 def test_a_nan_batch_stops_the_run_naming_iteration_and_checkpoint(tmp_path):
     model_dir = str(tmp_path / "nan_stop")
-    code, _, stderr = run_job(model_dir, env={"MAMLPP_TF_INJECT_NAN_AT": "5"})
+    code, _, stderr = run_job(model_dir, fault=("nan", "5"))
     assert code == 3, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "iteration 5" in lines[0] and "ckpt-3" in lines[0], lines
@@ -119,8 +121,7 @@ def test_a_nan_batch_stops_the_run_naming_iteration_and_checkpoint(tmp_path):
 
 def test_nan_policy_skip_finishes_and_counts_the_skip(finished_run, tmp_path):
     model_dir = str(tmp_path / "nan_skip")
-    code, _, stderr = run_job(model_dir, "--nan_policy=skip",
-                              env={"MAMLPP_TF_INJECT_NAN_AT": "5"})
+    code, _, stderr = run_job(model_dir, "--nan_policy=skip", fault=("nan", "5"))
     assert code == 0, stderr[-3000:]
     results = json.load(open(os.path.join(model_dir, "results.json")))
     assert results["skipped_updates"] == 1
@@ -129,6 +130,14 @@ def test_nan_policy_skip_finishes_and_counts_the_skip(finished_run, tmp_path):
     assert reference["skipped_updates"] == 0
     # One withheld update changes the trajectory: the runs differ.
     assert results["validation"] != reference["validation"]
+    # But not the schedules: the meta learning rate follows the iterations taken, as MSL
+    # and derivative-order annealing do (iteration 16 starts epoch 2 in both runs).
+    rates = [tensorboard_scalars.read_scalars(os.path.join(path, "tensorboard", "train"),
+                                              ["meta_lr"])["meta_lr"]
+             for path in (model_dir, finished_run[0])]
+    np.testing.assert_array_equal(rates[0][0], rates[1][0])
+    np.testing.assert_array_equal(rates[0][1], rates[1][1])
+    assert rates[0][1][-1] == pytest.approx(0.001)
 
 
 def test_an_epoch_checkpointed_but_not_validated_is_validated_on_resume(finished_run, tmp_path):

@@ -21,10 +21,11 @@ import pytest
 
 from export.preprocessing import Preprocessing
 from export.support import class_folders, load_support
-from mamlpp_tf import MamlPlusPlus, Trainer, cli, data, files, runs, train
+from mamlpp_tf import MamlPlusPlus, Trainer, cli, data, files, train
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.data import omniglot_prepare, synthetic
+from mamlpp_tf.training import run_dir
 
 from conftest import ROOT, TINY, random_batch, run_job, tiny_config
 
@@ -152,7 +153,7 @@ def test_a_model_dir_with_only_a_config_json_accepts_the_corrected_command(tmp_p
 
 
 def test_other_flags_are_refused_once_the_run_has_a_checkpoint(tmp_path):
-    run = runs.RunDir(str(tmp_path))
+    run = run_dir.RunDir(str(tmp_path))
 
     def config(n_way):
         return RunConfig(learner=tiny_config(n_way=n_way), model_dir=str(tmp_path))
@@ -201,7 +202,7 @@ def test_a_bad_batch_is_refused_before_tracing(make_batch, message):
     batch = random_batch(learner.config)
     wide = random_batch(tiny_config(n_way=4))  # A 4-way batch for this 2-way learner.
     bad = make_batch(batch, wide)
-    for step in (lambda: trainer.train_step(bad, 0), lambda: trainer.eval_step(bad),
+    for step in (lambda: trainer.train_step(bad), lambda: trainer.eval_step(bad),
                  lambda: learner.meta_loss(bad, 0)):
         with pytest.raises(ValueError, match=message):
             step()

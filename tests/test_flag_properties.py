@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
 
-from mamlpp_tf import experiment
 from mamlpp_tf import flags as run_flags
+from mamlpp_tf.training.run import Run
 
 FLAGS = flags.FLAGS
 
@@ -57,12 +57,11 @@ def test_flags_give_a_runnable_job_or_a_named_error(values):
         try:
             FLAGS(argv)
             config = run_flags.run_config_from_flags()
-            sets = experiment.load_class_sets(config)
-            learner = experiment.build_learner(config)
-            batch = next(iter(experiment.train_tasks(config, sets["train"], 0)))
-            for class_set, kind, tasks in ((sets["val"], "val", config.val_tasks),
-                                           (sets["test"], "test", config.test_tasks)):
-                next(iter(experiment.eval_tasks(config, class_set, kind, tasks)))
+            run = Run(config)
+            learner = run.learner
+            batch = next(iter(run.train_tasks(0)))
+            for split in ("val", "test"):
+                next(iter(run.eval_tasks(split)))
         except (flags.Error, ValueError) as error:
             # One line per problem (the configs report every one), each naming a flag.
             for line in str(error).splitlines():
@@ -82,4 +81,4 @@ def test_a_too_deep_network_for_the_image_is_a_named_error():
                "--n_way=5"])
         config = run_flags.run_config_from_flags()
         with pytest.raises(ValueError, match="num_stages=6"):
-            experiment.build_learner(config)
+            _ = Run(config).learner

@@ -23,11 +23,12 @@ def snapshot(trainer):
 def test_train_step_does_not_retrace_across_iterations():
     trainer = Trainer(MamlPlusPlus(tiny_config(msl_epochs=5)))
     batches = [random_batch(trainer.learner.config, seed=s) for s in range(3)]
-    trainer.train_step(batches[0], epoch=0)
+    trainer.train_step(batches[0])
     traces = trainer.trace_count
     # New data and new MSL weights (epochs 1, 2) reuse the same trace.
     for epoch, batch in enumerate(batches):
-        trainer.train_step(batch, epoch=epoch)
+        trainer.step.assign(epoch * trainer.learner.config.iterations_per_epoch)
+        trainer.train_step(batch)
     assert trainer.trace_count == traces
     trainer.eval_step(batches[0])
     traces = trainer.trace_count
@@ -40,7 +41,7 @@ def test_evaluation_leaves_every_variable_bit_identical():
     for bn_stats in ("batch", "rn"):
         learner = MamlPlusPlus(tiny_config(bn_stats=bn_stats))
         trainer = Trainer(learner)
-        trainer.train_step(random_batch(learner.config), epoch=0)
+        trainer.train_step(random_batch(learner.config))
         before = snapshot(trainer)
         batch = random_batch(learner.config, seed=7)
         trainer.eval_step(batch)
@@ -59,7 +60,7 @@ def test_train_step_applies_the_meta_gradient_with_sgd():
         loss = learner.meta_loss(batch, 0)
     grads = tape.gradient(loss, learner.trainable_variables)
     before = [v.numpy() for v in learner.trainable_variables]
-    result = trainer.train_step(batch, epoch=0)
+    result = trainer.train_step(batch)
     np.testing.assert_allclose(result["loss"].numpy(), loss.numpy(), rtol=1e-12)
     for variable, old, grad in zip(learner.trainable_variables, before, grads):
         np.testing.assert_allclose(variable.numpy(), old - 0.5 * grad.numpy(), atol=1e-12)
@@ -79,7 +80,7 @@ def test_running_statistics_follow_the_support_then_query_pass():
     support = [conv0_moments(batch[0][t], backbone.initial_params()) for t in range(2)]
     query = [conv0_moments(batch[2][t], learner.adapt(batch[0][t], batch[1][t]))
              for t in range(2)]
-    Trainer(learner).train_step(batch, epoch=0)
+    Trainer(learner).train_step(batch)
     mean, var = 0.0, 1.0
     for moments in (support, query):
         mean = 0.9 * mean + 0.1 * np.mean([m for m, _ in moments], axis=0)
@@ -93,7 +94,7 @@ def test_grad_clip_clips_network_gradients_but_not_rates():
     learner = MamlPlusPlus(config)
     trainer = Trainer(learner, optimizer=keras.optimizers.SGD(learning_rate=1.0))
     before = [v.numpy() for v in learner.trainable_variables]
-    trainer.train_step(random_batch(config), epoch=0)
+    trainer.train_step(random_batch(config))
     n_network = len(learner.network_variables)
     deltas = [np.abs(v.numpy() - b).max() for v, b in zip(learner.trainable_variables, before)]
     assert max(deltas[:n_network]) <= 1e-6 + 1e-15
@@ -107,9 +108,31 @@ def test_adam_uses_the_cosine_schedule_by_iteration():
     lrs = []
     for _ in range(5):
         lrs.append(float(trainer.optimizer.learning_rate))
-        trainer.train_step(random_batch(config), epoch=int(trainer.iterations.numpy()) // 2)
+        trainer.train_step(random_batch(config))
     want = [schedules.cosine_meta_lr(i // 2, 1e-3, 1e-5, 4) for i in range(5)]
     np.testing.assert_allclose(lrs, want, rtol=1e-6)
+
+
+def test_a_withheld_update_still_advances_the_one_step_counter():
+    """Learning rate, MSL weights and derivative order all follow `step`, not Adam's count."""
+    config = tiny_config(meta_lr=1e-3, min_meta_lr=1e-5, epochs=4, iterations_per_epoch=2,
+                         msl_epochs=3, first_order_epochs=0)
+    trainer = Trainer(MamlPlusPlus(config))
+    poisoned = random_batch(config)
+    poisoned = (tf.fill(tf.shape(poisoned[0]), tf.constant(np.nan, poisoned[0].dtype)),
+                ) + tuple(poisoned[1:])
+    applied = [bool(trainer.train_step(batch)["applied"])
+               for batch in (random_batch(config, seed=1), poisoned, random_batch(config, seed=2))]
+    assert applied == [True, False, True]
+    assert int(trainer.step.numpy()) == 3 and int(trainer.skipped_updates.numpy()) == 1
+    assert int(trainer.optimizer.iterations.numpy()) == 2  # Adam saw two updates.
+    # Iteration 4 (step 3) is in epoch 1 by every schedule.
+    assert trainer.epoch == 1
+    np.testing.assert_allclose(float(trainer.optimizer.learning_rate),
+                               schedules.cosine_meta_lr(1, 1e-3, 1e-5, 4), rtol=1e-6)
+    msl, second_order, weights = trainer.learner.epoch_modes(trainer.epoch)
+    assert (msl, second_order) == (True, True)
+    np.testing.assert_allclose(weights, schedules.msl_weights(1, config.inner_steps, 3))
 
 
 def test_derivative_order_switches_after_first_order_epochs():
@@ -133,7 +156,7 @@ def test_adapt_and_predict_match_eval_step(bn_stats):
     config = tiny_config(bn_stats=bn_stats)
     learner = MamlPlusPlus(config)
     trainer = Trainer(learner)
-    trainer.train_step(random_batch(config), epoch=0)
+    trainer.train_step(random_batch(config))
     batch = random_batch(config, seed=3)
     result = trainer.eval_step(batch)
     for t in range(2):
@@ -174,7 +197,7 @@ def test_short_meta_training_learns_a_synthetic_task_family():
     losses = []
     for _ in range(300):
         batch = prototype_tasks(rng, prototypes[:40], 5, 1, 3, 4)
-        losses.append(float(trainer.train_step(batch, epoch=0)["loss"]))
+        losses.append(float(trainer.train_step(batch)["loss"]))
     after = trainer.eval_step(val)
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert float(np.mean(after["accuracy"])) > 0.55  # Chance is 0.2.
@@ -196,7 +219,7 @@ def test_checkpoint_round_trip_restores_every_variable_and_the_next_step():
     config = tiny_config()
     trainer = Trainer(MamlPlusPlus(config))
     batches = [random_batch(config, seed=s) for s in range(2)]
-    trainer.train_step(batches[0], epoch=0)
+    trainer.train_step(batches[0])
     path = tf.train.Checkpoint(**trainer.checkpoint_items()).write(
         os.path.join(tempfile.mkdtemp(), "ckpt"))
     keras.utils.set_random_seed(99)  # Different initial weights for the clone.
@@ -206,8 +229,8 @@ def test_checkpoint_round_trip_restores_every_variable_and_the_next_step():
     assert len(originals) == len(restored) > 30
     for a, b in zip(originals.values(), restored.values()):
         np.testing.assert_array_equal(a, b)
-    want = trainer.train_step(batches[1], epoch=0)["loss"].numpy()
-    np.testing.assert_array_equal(clone.train_step(batches[1], epoch=0)["loss"].numpy(), want)
+    want = trainer.train_step(batches[1])["loss"].numpy()
+    np.testing.assert_array_equal(clone.train_step(batches[1])["loss"].numpy(), want)
 
 
 def numpy_vgg_logits(weights, images, row, stages):

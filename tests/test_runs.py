@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import MamlPlusPlus, Trainer, controller, files, runs
+from mamlpp_tf import MamlPlusPlus, Trainer, files
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf.config import RunConfig
+from mamlpp_tf.training import loop, run_dir
 
 from conftest import ROOT, TINY, tiny_config
 
@@ -49,7 +50,7 @@ def shifted_learner(shift):
 
 
 def test_config_history_and_results_on_ram(ram_dir):
-    run = runs.RunDir(ram_dir)
+    run = run_dir.RunDir(ram_dir)
 
     def config(n_way):
         return RunConfig(learner=tiny_config(n_way=n_way), model_dir=ram_dir)
@@ -74,10 +75,10 @@ def test_config_history_and_results_on_ram(ram_dir):
 
 
 def test_epoch_checkpoints_save_restore_and_prune_on_ram(ram_dir):
-    run = runs.RunDir(ram_dir)
+    run = run_dir.RunDir(ram_dir)
     for epoch in range(3):
-        run.save_epoch(shifted_learner(float(epoch)), epoch)
-    run.save_epoch(shifted_learner(5.0), 1)  # Overwrites epoch 1.
+        run.save_epoch(shifted_learner(float(epoch)).checkpoint_items(), epoch)
+    run.save_epoch(shifted_learner(5.0).checkpoint_items(), 1)  # Overwrites epoch 1.
     assert run.kept_epochs() == [0, 1, 2] and run.has_progress()
     assert sorted(tf.io.gfile.listdir(run.checkpoint_dir)) == [
         "epoch_000", "epoch_001", "epoch_002"]  # No temporary left.
@@ -85,44 +86,46 @@ def test_epoch_checkpoints_save_restore_and_prune_on_ram(ram_dir):
     assert run.kept_epochs() == [0, 1]
     for epoch, shift in ((0, 0.0), (1, 5.0)):
         learner = shifted_learner(-9.0)
-        run.restore_epoch(learner, epoch)
+        run.restore_epoch(learner.checkpoint_items(), epoch)
         for restored in weights(learner):
             np.testing.assert_array_equal(restored, pattern(shift, restored.shape))
     with pytest.raises(FileNotFoundError, match="epoch 2"):
-        run.restore_epoch(shifted_learner(0.0), 2)
+        run.restore_epoch(shifted_learner(0.0).checkpoint_items(), 2)
 
 
 def test_a_half_published_epoch_is_not_kept_and_is_pruned(ram_dir):
     """What a kill leaves: data moved without its index, unpublished temporaries."""
-    run = runs.RunDir(ram_dir)
-    run.save_epoch(shifted_learner(0.0), 0)
-    run.save_epoch(shifted_learner(1.0), 3)
+    run = run_dir.RunDir(ram_dir)
+    run.save_epoch(shifted_learner(0.0).checkpoint_items(), 0)
+    run.save_epoch(shifted_learner(1.0).checkpoint_items(), 3)
     tf.io.gfile.remove(os.path.join(run.epoch_path(3), "model.index"))
     files.atomic_write(f"{run.checkpoint_dir}/.tmp_epoch_004/model.index", "partial")
     files.atomic_write(f"{run.checkpoint_dir}/epoch_005.tmp/model.index", "older version")
     assert run.kept_epochs() == [0]
     with pytest.raises(FileNotFoundError, match="epoch 3"):
-        run.restore_epoch(shifted_learner(0.0), 3)
+        run.restore_epoch(shifted_learner(0.0).checkpoint_items(), 3)
     run.prune_epochs([0, 3, 4, 5])
     assert tf.io.gfile.listdir(run.checkpoint_dir) == ["epoch_000"]
 
 
 def test_the_latest_manager_saves_and_restores_on_ram(ram_dir):
-    run = runs.RunDir(ram_dir)
-    iteration = tf.Variable(7, dtype=tf.int64)
-    manager = run.latest_manager(Trainer(shifted_learner(2.0)), {"iteration": iteration})
+    run = run_dir.RunDir(ram_dir)
+    trainer = Trainer(shifted_learner(2.0))
+    trainer.step.assign(7)
+    manager = run.latest_manager(trainer.checkpoint_items())
     manager.save()
-    restored, counter = shifted_learner(0.0), tf.Variable(0, dtype=tf.int64)
-    fresh = run.latest_manager(Trainer(restored), {"iteration": counter})
+    restored = Trainer(shifted_learner(0.0))
+    fresh = run.latest_manager(restored.checkpoint_items())
     fresh.checkpoint.restore(fresh.latest_checkpoint).assert_existing_objects_matched()
-    assert int(counter.numpy()) == 7 and run.has_progress()
+    assert int(restored.step.numpy()) == 7 and run.has_progress()
+    restored = restored.learner
     for got in weights(restored):
         np.testing.assert_array_equal(got, pattern(2.0, got.shape))
 
 
 def test_the_run_lock_is_skipped_with_a_warning_off_local_disk(ram_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        with runs.RunLock(ram_dir):
+        with run_dir.RunLock(ram_dir):
             pass
     assert any("cross-machine locking is not provided" in record.getMessage() and
                ram_dir in record.getMessage() for record in caplog.records)
@@ -152,7 +155,7 @@ def _local_calls(tree, allowed_class=None):
 
 
 @pytest.mark.parametrize("path, allowed_class", [
-    ("mamlpp_tf/runs.py", "RunLock"), ("mamlpp_tf/evaluation.py", None),
+    ("mamlpp_tf/training/run_dir.py", "RunLock"), ("mamlpp_tf/training/evaluation.py", None),
     ("export/saved_models.py", None), ("export/warmup.py", None)])
 def test_run_directory_code_calls_no_local_only_file_api(path, allowed_class):
     with open(os.path.join(ROOT, path), encoding="utf-8") as stream:
@@ -172,12 +175,40 @@ def test_a_tiny_run_trains_to_the_end_on_ram(ram_dir):
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["train", *TINY, f"--model_dir={ram_dir}"])
         config = run_flags.run_config_from_flags()
-    results = json.loads(json.dumps(controller.train(config, log_every=8)))  # Tuples as lists.
-    run = runs.RunDir(ram_dir)
+    results = json.loads(json.dumps(loop.train(config, log_every=8)))  # Tuples as lists.
+    run = run_dir.RunDir(ram_dir)
     assert files.read_json(run.results_path) == results
     assert run.read_history() == results["validation"] and len(results["validation"]) == 2
     assert run.kept_epochs() == [0, 1] and results["iterations"] == 16
     assert sorted(tf.io.gfile.listdir(run.checkpoint_dir)) == ["epoch_000", "epoch_001",
                                                                "latest"]
     assert tf.io.gfile.glob(os.path.join(run.tensorboard_dir, "*", "events.*"))
-    assert controller.train(config) == results  # Finished: read back, not trained again.
+    assert loop.train(config) == results  # Finished: read back, not trained again.
+
+
+def test_best_epochs_ranks_kept_epochs_by_accuracy_nan_last_ties_earlier(ram_dir):
+    run = run_dir.RunDir(ram_dir)
+    for epoch in range(5):
+        run.save_epoch(shifted_learner(float(epoch)).checkpoint_items(), epoch)
+    run.prune_epochs([0, 1, 2, 4])  # Epoch 3, the best by accuracy, is no longer kept.
+    history = [{"epoch": 0, "accuracy": 0.5}, {"epoch": 1, "accuracy": float("nan")},
+               {"epoch": 2, "accuracy": 0.7}, {"epoch": 3, "accuracy": 0.9},
+               {"epoch": 4, "accuracy": 0.5}]
+    assert run.best_epochs(5, history) == [2, 0, 4, 1]
+    assert run.best_epochs(1, history) == [2]
+    run.write_history(history)
+    assert run.best_epochs(2) == [2, 0]  # From history.json by default.
+    assert run_dir.RunDir(ram_dir + "/none").best_epochs(3) == []
+
+
+def test_the_run_directory_module_imports_neither_learner_nor_trainer():
+    with open(os.path.join(ROOT, "mamlpp_tf/training/run_dir.py"), encoding="utf-8") as stream:
+        tree = ast.parse(stream.read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert not {m for m in imported if m and m.startswith("mamlpp_tf") and
+                m not in ("mamlpp_tf", "mamlpp_tf.config")}, imported
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert not names & {"learner", "trainer", "MamlPlusPlus", "Trainer"}

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mamlpp_tf import stop_signals
+from mamlpp_tf.training import stop_signals
 
 
 def _signal_self(signum=signal.SIGTERM):

@@ -157,8 +157,8 @@ def test_train_step_updates_variables_and_running_statistics_alike(dtype, rtol):
     config = small_config(dtype=dtype, num_stages=2, inner_steps=2, eval_inner_steps=2)
     loop, batched = learner_pair(config)
     batch = random_batch(config, tasks=2, k_shot=1, n_query=2)
-    loop_metrics = Trainer(loop, keras.optimizers.SGD(0.1)).train_step(batch, epoch=0)
-    batched_metrics = Trainer(batched, keras.optimizers.SGD(0.1)).train_step(batch, epoch=0)
+    loop_metrics = Trainer(loop, keras.optimizers.SGD(0.1)).train_step(batch)
+    batched_metrics = Trainer(batched, keras.optimizers.SGD(0.1)).train_step(batch)
     np.testing.assert_allclose(batched_metrics["loss"], loop_metrics["loss"], rtol=rtol)
     np.testing.assert_allclose(batched_metrics["accuracy"], loop_metrics["accuracy"])
     running = loop.running_stat_variables

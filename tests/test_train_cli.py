@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import evaluation, experiment, runs, tensorboard_scalars
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf.trainer import Trainer
+from mamlpp_tf import tensorboard_scalars
+from mamlpp_tf.training import evaluation
+from mamlpp_tf.training.run import Run
+from mamlpp_tf.training.trainer import Trainer
 
 from conftest import ROOT, comparable_results, run_job
 
@@ -67,14 +69,11 @@ def test_test_ci95_is_1_96_std_over_root_tasks_of_the_per_task_accuracies(finish
     """
     model_dir, _ = finished_run
     test = json.load(open(os.path.join(model_dir, "results.json")))["test"]
-    run = runs.RunDir(model_dir)
-    config = run.read_config()
-    learner = experiment.build_learner(config)
-    run.restore_epoch(learner, test["best_epoch"])
-    test_set = experiment.load_class_sets(config)["test"]
+    run = Run.from_dir(model_dir)
+    run.restore_epoch(test["best_epoch"])
     accuracies = []
-    trainer = Trainer(learner)
-    for batch in experiment.eval_tasks(config, test_set, "test", config.test_tasks):
+    trainer = Trainer(run.learner)
+    for batch in run.eval_tasks("test"):
         result = trainer.eval_step(batch)
         correct = result["logits"].numpy().argmax(axis=-1) == result["labels"].numpy()
         accuracies.extend(correct.mean(axis=1))
@@ -106,16 +105,13 @@ def test_evaluate_scores_a_serving_swap_as_the_swapped_run_would(finished_run):
     assert test["served_bn_stats"] == "rn"
     with open(evaluation.evaluation_path(model_dir, "rn")) as stream:
         assert json.load(stream)["test"] == test
-    run = runs.RunDir(model_dir)
-    config = run.read_config()
-    rn_config = dataclasses.replace(
-        config, learner=dataclasses.replace(config.learner, bn_stats="rn"))
-    learner = experiment.build_learner(rn_config)
-    run.restore_epoch(learner, test["best_epoch"])
-    trainer = Trainer(learner)
+    config = Run.from_dir(model_dir).config
+    run = Run(dataclasses.replace(
+        config, learner=dataclasses.replace(config.learner, bn_stats="rn")))
+    run.restore_epoch(test["best_epoch"])
+    trainer = Trainer(run.learner)
     accuracies = []
-    test_set = experiment.load_class_sets(config)["test"]
-    for batch in experiment.eval_tasks(config, test_set, "test", config.test_tasks):
+    for batch in run.eval_tasks("test"):
         result = trainer.eval_step(batch)
         correct = result["logits"].numpy().argmax(axis=-1) == result["labels"].numpy()
         accuracies.extend(correct.mean(axis=1))

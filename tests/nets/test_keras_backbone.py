@@ -358,7 +358,7 @@ def test_variant_keeps_names_and_bakes_a_support_task_model():
 def test_a_trainer_step_moves_the_weights_and_the_running_statistics():
     learner = keras_learner(randomize(sequential_model()))
     before = learner.get_weights()
-    result = Trainer(learner).train_step(random_batch(learner.config), epoch=0)
+    result = Trainer(learner).train_step(random_batch(learner.config))
     assert bool(result["applied"])
     after = learner.get_weights()
     for name in ("backbone/0_conv2d/kernel", "backbone/2_dense/bias",

@@ -7,9 +7,15 @@ of the network's variable groups (never the inner learning rates'), withholds
 an update whose loss or gradient is not finite, applies the outer optimiser
 (Adam with the official per-epoch cosine schedule) and moves the batch-norm
 running statistics. With one device every reduction is
-the identity and this is the plain step. As in TF Model Garden, where a Task
+the identity and this is the plain step.
+
+The trainer counts meta-iterations (`step`: every meta-batch taken, its update
+applied or withheld). It is the run's one step counter: the epoch, and from
+it the MSL weights, the derivative order and the cosine meta learning rate,
+all derive from it, so a resumed run or one that withheld non-finite updates
+follows the same schedules as an uninterrupted one. As in TF Model Garden, where a Task
 holds the single-replica maths and a Trainer the strategy and the optimiser.
-`mamlpp_tf.controller` runs the training loop around it.
+`mamlpp_tf.training.loop` runs the training loop around it.
 """
 
 from __future__ import annotations
@@ -63,11 +69,16 @@ class Trainer:
     Args:
       learner: The learner to train.
       optimizer: Outer optimiser; defaults to Adam(β=(0.9, 0.999), ε from the
-        config) with the official code's per-epoch cosine schedule.
+        config) with the official code's per-epoch cosine schedule of `step`.
+        (A Keras `LearningRateSchedule` given here follows the optimiser's own
+        count of applied updates instead.)
 
     Attributes:
       learner: The `MamlPlusPlus`.
       optimizer: The outer Keras optimiser.
+      step: Meta-iterations taken, applied or withheld (int64 variable).
+      skipped_updates: Meta-iterations whose update was withheld because the
+        loss or a gradient was not finite (int64 variable).
       trace_count: How many times a train/eval step has been traced (tests
         use it to prove the steps do not retrace per iteration).
     """
@@ -77,11 +88,15 @@ class Trainer:
         config = learner.config
         self.learner = learner
         self._strategy = tf.distribute.get_strategy()
+        self.step, self.skipped_updates = (
+            tf.Variable(0, dtype=tf.int64, trainable=False, name=name,
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            for name in ("meta_iteration", "skipped_updates"))
         if optimizer is None:
+            schedule = schedules.CosineMetaLearningRate(
+                config.meta_lr, config.min_meta_lr, config.epochs, config.iterations_per_epoch)
             optimizer = keras.optimizers.Adam(
-                learning_rate=schedules.CosineMetaLearningRate(
-                    config.meta_lr, config.min_meta_lr, config.epochs,
-                    config.iterations_per_epoch),
+                learning_rate=lambda: schedule(self.step),
                 beta_1=0.9, beta_2=0.999, epsilon=config.adam_epsilon)
         self.optimizer = optimizer
         self.optimizer.build(learner.trainable_variables)
@@ -90,27 +105,33 @@ class Trainer:
         self._eval_fn: Callable | None = None
 
     @property
-    def iterations(self) -> tf.Variable:
-        """Meta-updates applied so far (the optimiser's counter)."""
-        return self.optimizer.iterations
+    def epoch(self) -> int:
+        """The epoch of the next meta-iteration, `step // iterations_per_epoch`."""
+        return int(self.step.numpy()) // self.learner.config.iterations_per_epoch
 
     def checkpoint_items(self) -> dict[str, object]:
-        """The trackable objects a `tf.train.Checkpoint` of the training state must hold."""
-        return dict(**self.learner.checkpoint_items(), optimizer=self.optimizer)
+        """The trackable objects of the training state: what a resume restores.
+
+        The model (`MamlPlusPlus.checkpoint_items`), the optimiser and the
+        counters; `iteration` positions the task stream on resume.
+        """
+        return dict(**self.learner.checkpoint_items(), optimizer=self.optimizer,
+                    iteration=self.step, skipped_updates=self.skipped_updates)
 
     # --------------------------------------------------------------- training
 
-    def train_step(self, batch: Batch | tf.distribute.DistributedValues,
-                   epoch: int) -> dict[str, tf.Tensor]:
-        """One meta-update on `batch` (a `tf.function`, traced once per mode).
+    def train_step(self, batch: Batch | tf.distribute.DistributedValues
+                   ) -> dict[str, tf.Tensor]:
+        """Meta-iteration `step + 1` on `batch` (a `tf.function`, traced once per mode).
 
-        The MSL weights enter as a tensor, so their annealing never retraces;
-        the two Python modes (MSL on/off, first/second order) select one of at
-        most four traced functions.
+        The MSL weights and derivative order are those of `epoch`. The weights
+        enter as a tensor, so their annealing never retraces; the two Python
+        modes (MSL on/off, first/second order) select one of at most four
+        traced functions. `step` counts the iteration whether or not its
+        update is applied.
 
         Args:
           batch: A meta-batch, or a distributed one under a strategy.
-          epoch: Integer epoch `iteration // iterations_per_epoch`.
 
         Returns:
           `{"loss", "accuracy", "applied"}`: meta-loss and query accuracy of the
@@ -125,7 +146,7 @@ class Trainer:
             raise RuntimeError("call train_step outside `strategy.scope()`: the "
                                "meta-update is applied once, from the default context")
         self._check_batch(batch)
-        msl, second_order, weights = self.learner.epoch_modes(epoch)
+        msl, second_order, weights = self.learner.epoch_modes(self.epoch)
         return self.train_step_function(msl, second_order)(
             batch, tf.constant(weights, self.learner.config.dtype))
 
@@ -184,10 +205,15 @@ class Trainer:
                     tf.nest.map_structure(self._first_local, share.records))
                 return tf.constant(True)
 
+            def withhold() -> tf.Tensor:
+                self.skipped_updates.assign_add(1)
+                return tf.constant(False)
+
             # A non-finite loss or gradient never reaches a variable (the
             # optimiser's counter and slots included); the caller decides
             # whether to stop or to go on with the next meta-batch.
-            applied = tf.cond(finite, update, lambda: tf.constant(False))
+            applied = tf.cond(finite, update, withhold)
+            self.step.assign_add(1)  # After the update, whose learning rate reads it.
             return dict(loss=loss, accuracy=self._first_local(share.accuracy), applied=applied)
 
         return _traced(step, jit_compile=step_jit)

@@ -24,9 +24,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mamlpp_tf import data, distribute, experiment, files, runs, task_model
-from mamlpp_tf.config import RunConfig
-from mamlpp_tf.trainer import Trainer
+from mamlpp_tf import files, task_model
+from mamlpp_tf.training import distribute
+from mamlpp_tf.training.run import Run
+from mamlpp_tf.training.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,19 +156,15 @@ def correctness(result: TaskResults) -> np.ndarray:
     return correctness_of(result.logits, result.labels)
 
 
-def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
-             test_set: data.ClassSet, history: list[dict],
-             strategy: tf.distribute.Strategy, served_bn_stats: str | None = None) -> dict:
+def run_test(run: Run, history: list[dict] | None = None,
+             served_bn_stats: str | None = None) -> dict:
     """The final test: the best single epoch and the top-k logit ensemble.
 
     Args:
-      config: The run's config (tasks, ensemble size).
-      run: Its run directory (epoch checkpoints).
-      trainer: The trainer of a learner of the run's shape; the learner ends
-        holding the last member.
-      test_set: The test classes.
-      history: Validation entries of the epochs that may be used.
-      strategy: Distribution strategy of `learner`.
+      run: The run: its `--ensemble_top_k` best kept epochs are tested on its
+        test tasks; its learner ends holding the last member.
+      history: Validation entries to rank the epochs by (default: the run
+        directory's).
       served_bn_stats: The task model's statistics (`task_model.BN_STATS`);
         None for the run's own (`task_model.default_bn_stats`).
 
@@ -177,18 +174,20 @@ def run_test(config: RunConfig, run: runs.RunDir, trainer: Trainer,
       the paired per-task difference served − protocol of the single model,
       and both per-task accuracies of the single model (`per_task`).
     """
-    top = runs.top_epochs(history, config.ensemble_top_k)
-    learner = trainer.learner
-    tasks = experiment.eval_tasks(config, test_set, "test", config.test_tasks,
-                                  strategy.num_replicas_in_sync)
+    config, learner, strategy = run.config, run.learner, run.strategy
+    top = run.dir.best_epochs(config.ensemble_top_k, history)
+    if not top:
+        raise FileNotFoundError(f"--model_dir={config.model_dir} has no validated epoch "
+                                "checkpoint yet; train at least one epoch first")
+    tasks = run.eval_tasks("test")
     if served_bn_stats is None:
         served_bn_stats = task_model.default_bn_stats(config.learner)
     served = task_model.served_logits_fn(learner, served_bn_stats,
                                          config.learner.n_way * config.k_shot)
     members, served_members = [], []
     for epoch in top:
-        run.restore_epoch(learner, epoch)
-        members.append(evaluate(trainer, tasks, strategy))
+        run.restore_epoch(epoch)
+        members.append(evaluate(run.trainer, tasks, strategy))
         served_members.append(evaluate_served(served, tasks))
     single = summarize(members[0].accuracies, correctness(members[0]))
     accuracies, correct = ensemble(members)
@@ -272,27 +271,16 @@ def evaluate_run(model_dir: str,
       ValueError, data.DatasetNotFoundError: as for training, or a
         `served_bn_stats` the run cannot serve.
     """
-    run = runs.RunDir(model_dir)
-    config = run.read_config()
     overrides = {
         k: v for k, v in (("data_dir", data_dir), ("ensemble_top_k", ensemble_top_k),
                           ("test_tasks", test_tasks)) if v is not None
     }
-    config = dataclasses.replace(config, **overrides)
+    run = Run.from_dir(model_dir, **overrides)
     if served_bn_stats is not None:
-        task_model.check_bn_stats(config.learner, served_bn_stats, "--served_bn_stats")
-    kept = set(run.kept_epochs())
-    history = [entry for entry in run.read_history() if entry["epoch"] in kept]
-    if not history:
-        raise FileNotFoundError(
-            f"--model_dir={model_dir} has no validated epoch checkpoint "
-            "yet; train at least one epoch first")
-    strategy = tf.distribute.get_strategy()
-    sets = experiment.load_class_sets(config)
-    learner = experiment.build_learner(config, strategy)
-    with strategy.scope():
-        trainer = Trainer(learner)
-    results = run_test(config, run, trainer, sets["test"], history, strategy, served_bn_stats)
-    results.update(config=config.to_dict(), validation=history)
+        task_model.check_bn_stats(run.config.learner, served_bn_stats, "--served_bn_stats")
+    results = run_test(run, served_bn_stats=served_bn_stats)
+    kept = set(run.dir.kept_epochs())
+    results.update(config=run.config.to_dict(),
+                   validation=[entry for entry in run.dir.read_history() if entry["epoch"] in kept])
     files.write_json(evaluation_path(model_dir, served_bn_stats), results)
     return results

@@ -11,7 +11,8 @@ replicas.
 Also the pieces a training loop needs around the strategy: distributing the
 meta-batches (`distribute_dataset`), how the workers other than the chief
 (`strategy.extended.should_checkpoint`, the one that writes) take part in a
-save (`write_as_non_chief`), and a `barrier`.
+save (`write_as_non_chief`), and an agreement that is also a barrier
+(`max_over_workers`).
 """
 
 from __future__ import annotations
@@ -125,15 +126,19 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return max(1, sum(len(spec.get(job, ())) for job in ("chief", "worker")))
 
 
-def barrier(strategy: tf.distribute.Strategy) -> None:
-    """Returns once every worker has reached it (at once with one worker).
+def max_over_workers(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The largest of every worker's `value` (`value` itself with one worker).
 
-    A one-number all-reduce: lets the other workers read what the chief has
-    just written (e.g. the epoch checkpoints the final test restores).
+    A one-number all-reduce that every worker must call at the same point,
+    so also a barrier. The training loop agrees with it on whether any worker
+    got a stop signal, so that all of them checkpoint the same iteration and
+    stop together.
     """
-    if num_workers(strategy) > 1:
-        strategy.reduce(tf.distribute.ReduceOp.SUM,
-                        strategy.run(lambda: tf.constant(1.0)), axis=None)
+    if num_workers(strategy) == 1:
+        return value
+    largest = strategy.reduce(tf.distribute.ReduceOp.MAX,
+                              strategy.run(lambda: tf.constant(float(value))), axis=None)
+    return int(largest.numpy())
 
 
 def write_as_non_chief(checkpoint: tf.train.Checkpoint) -> None:

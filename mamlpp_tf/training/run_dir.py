@@ -1,13 +1,14 @@
-"""A run directory as a first-class object: config, checkpoints, history, results.
+"""A run directory: config, checkpoints, history, results, and which epochs are best.
 
 Layout of `--model_dir`:
 
     config.json              the resolved RunConfig (written once the run has passed
                              every check, checked on resume)
-    checkpoints/latest/      tf.train.CheckpointManager: model, update rule, optimizer
-                             (its iteration counter is the task-stream position)
-    checkpoints/epoch_NNN/   model + update rule after epoch NNN, kept for the top-k
-                             validation epochs
+    checkpoints/latest/      tf.train.CheckpointManager of the training state
+                             (`Trainer.checkpoint_items`: model, update rule, optimizer,
+                             the meta-iteration counter that positions the task stream)
+    checkpoints/epoch_NNN/   the model after epoch NNN (`MamlPlusPlus.checkpoint_items`),
+                             kept for the top-k validation epochs (`best_epochs`)
     history.json             validation results per finished epoch
     results.json             final test results (present = run finished)
     tensorboard/{train,val}  summaries
@@ -19,10 +20,14 @@ Every path goes through `tf.io.gfile`, so `model_dir` may be local, on GCS
 last; an epoch counts as kept only once that file is in place, so a kill at
 any instant never leaves a half-written epoch that a restore would use.
 `evaluate`, `report` and the exporters rebuild everything from here.
+
+The objects a checkpoint holds are passed in as `tf.train.Checkpoint` items,
+so this module knows the layout and not the learner or the trainer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import contextlib
 import fcntl
 import os
@@ -32,8 +37,9 @@ import tensorflow as tf
 
 from mamlpp_tf import files
 from mamlpp_tf.config import RunConfig
-from mamlpp_tf.learner import MamlPlusPlus
-from mamlpp_tf.trainer import Trainer
+
+# `name: trackable` objects of a `tf.train.Checkpoint` (model, optimizer, counters).
+CheckpointItems = Mapping[str, object]
 
 # Fields that may differ between the run that created a model_dir and a resumed
 # one: where the data lives and how often to checkpoint do not change results.
@@ -174,38 +180,63 @@ class RunDir:
 
     # ------------------------------------------------------------ checkpoints
 
-    def latest_manager(self, trainer: Trainer,
-                       counters: dict[str, tf.Variable] | None = None
-                       ) -> tf.train.CheckpointManager:
+    def latest_manager(self, training_state: CheckpointItems) -> tf.train.CheckpointManager:
         """Manager of the full training state (two kept, so one can fall back).
 
+        Save with `save_latest`, which names the path when a write fails.
+
         Args:
-          trainer: Its learner's model and update rule, and its optimizer, are saved.
-          counters: Extra progress variables saved alongside (e.g. iteration).
+          training_state: What a resume needs (`Trainer.checkpoint_items`).
         """
-        checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **(counters or {}))
+        checkpoint = tf.train.Checkpoint(**training_state)
         return tf.train.CheckpointManager(checkpoint, self.latest_dir, max_to_keep=2)
+
+    def save_latest(self, manager: tf.train.CheckpointManager, iteration: int) -> None:
+        """Saves `manager`'s training state as checkpoint `ckpt-<iteration>`.
+
+        TensorFlow writes it under a temporary prefix and renames it into place,
+        then rewrites the manager's state file atomically, so a failed write
+        leaves the previous checkpoints (and the state file naming them) intact.
+
+        Raises:
+          files.WriteError: the filesystem refused a write (naming the checkpoint).
+        """
+        prefix = os.path.join(self.latest_dir, f"ckpt-{iteration}")
+        with files.writing(prefix):
+            try:
+                manager.save(checkpoint_number=iteration)
+            except BaseException:
+                files.remove_quietly(prefix + "_temp")  # The saver's partial shards.
+                raise
 
     def epoch_path(self, epoch: int) -> str:
         """Checkpoint prefix of the model kept after `epoch`."""
         return os.path.join(self.checkpoint_dir, f"epoch_{epoch:03d}")
 
-    def save_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
-        """Saves the model (network, per-step BN, update rule) after `epoch`.
+    def save_epoch(self, model: CheckpointItems, epoch: int) -> None:
+        """Saves the model after `epoch` (`MamlPlusPlus.checkpoint_items`).
 
         Written to `.tmp_epoch_NNN/` and published (see the module docstring):
-        a kill leaves the epoch either complete or not counted as kept.
+        a kill or a failed write leaves the epoch either complete or not
+        counted as kept.
+
+        Raises:
+          files.WriteError: the filesystem refused a write (naming the epoch's path).
         """
         final = self.epoch_path(epoch)
         temporary = os.path.join(self.checkpoint_dir, _TEMPORARY + os.path.basename(final))
-        _remove_tree(temporary)
-        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
-        checkpoint.write(os.path.join(temporary, "model"))
-        _remove_tree(final)
-        files.publish_dir(temporary, final, _EPOCH_COMMIT)
+        with files.writing(final):
+            try:
+                _remove_tree(temporary)
+                tf.train.Checkpoint(**model).write(os.path.join(temporary, "model"))
+                _remove_tree(final)
+                files.publish_dir(temporary, final, _EPOCH_COMMIT)
+            except BaseException:
+                files.remove_quietly(temporary)
+                raise
 
-    def restore_epoch(self, learner: MamlPlusPlus, epoch: int) -> None:
-        """Loads the model saved after `epoch` into `learner`.
+    def restore_epoch(self, model: CheckpointItems, epoch: int) -> None:
+        """Loads the model saved after `epoch` into `model`'s objects.
 
         Raises:
           FileNotFoundError: if that epoch's checkpoint was not kept.
@@ -213,8 +244,26 @@ class RunDir:
         path = self.epoch_path(epoch)
         if not tf.io.gfile.exists(os.path.join(path, _EPOCH_COMMIT)):
             raise FileNotFoundError(f"no checkpoint of epoch {epoch} in {self.checkpoint_dir}")
-        checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
-        checkpoint.read(os.path.join(path, "model")).assert_existing_objects_matched()
+        tf.train.Checkpoint(**model).read(
+            os.path.join(path, "model")).assert_existing_objects_matched()
+
+    def best_epochs(self, k: int, history: list[dict] | None = None) -> list[int]:
+        """The `k` kept epochs with the best validation accuracy, best first.
+
+        The one ranking of the run's epochs: what the training job keeps and
+        tests, what `evaluate`, the exporters and the report pick.
+
+        Args:
+          k: How many.
+          history: Validation entries to rank (default: `read_history()`).
+        """
+        kept = set(self.kept_epochs())
+        history = self.read_history() if history is None else history
+        # A NaN accuracy (a diverged model) ranks last, never "best"; ties: the earlier epoch.
+        ranked = sorted((entry for entry in history if entry["epoch"] in kept),
+                        key=lambda entry: (-entry["accuracy"] if entry["accuracy"] ==
+                                           entry["accuracy"] else float("inf"), entry["epoch"]))
+        return [entry["epoch"] for entry in ranked[:k]]
 
     def kept_epochs(self) -> list[int]:
         """Epochs whose model checkpoints exist, complete."""
@@ -304,12 +353,3 @@ class RunLock:
             fcntl.flock(self._stream.fileno(), fcntl.LOCK_UN)
             self._stream.close()
             self._stream = None
-
-
-def top_epochs(history: list[dict], k: int) -> list[int]:
-    """The `k` epochs with the best validation accuracy (ties: the earlier epoch)."""
-    # A NaN accuracy (a diverged model) ranks last, never "best".
-    ranked = sorted(history, key=lambda entry: (
-        -entry["accuracy"] if entry["accuracy"] == entry["accuracy"] else float("inf"),
-        entry["epoch"]))
-    return [entry["epoch"] for entry in ranked[:k]]

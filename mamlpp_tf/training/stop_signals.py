@@ -85,10 +85,18 @@ class StopSignals:
             return
         self.raise_interrupted()
 
-    def raise_interrupted(self) -> None:
-        """Raises `Interrupted` for the recorded signal in the current phase."""
+    def raise_interrupted(self, signum: int | None = None) -> None:
+        """Raises `Interrupted` for the recorded signal in the current phase.
+
+        Args:
+          signum: The signal, if not this process's: another worker's, which
+            the training loop learns by agreement (the phase says so).
+        """
         signal.setitimer(signal.ITIMER_REAL, 0)
-        raise Interrupted(self.signum, self.phase, self._resume())
+        where = self.phase
+        if self.signum is None and signum is not None:
+            where += " (the signal went to another worker)"
+        raise Interrupted(self.signum or signum, where, self._resume())
 
     @contextlib.contextmanager
     def deferred(self):
