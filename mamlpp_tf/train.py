@@ -7,6 +7,9 @@ moment loses at most `--checkpoint_every` iterations); a finished run prints its
 results instead of training again. SIGTERM/SIGINT end the job within seconds
 in any phase, with status 128 + signal number and a line saying where it
 stopped and what a resume starts from (`mamlpp_tf.training.stop_signals`).
+Exit status 74: a write the storage refused (the line names the path); 69:
+another worker of a multi-worker job is gone; 3: a non-finite update under
+`--nan_policy=stop`; 2: bad flags or data. Each comes with one `error:` line.
 
 Flags, data and task splits are checked before anything is written to
 `--model_dir`, so a start that fails claims nothing; a directory that holds no
@@ -32,7 +35,10 @@ import tensorflow as tf
 
 from mamlpp_tf import cli
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf.training import evaluation, loop, stop_signals
+from mamlpp_tf.training import distribute, evaluation, loop, stop_signals
+
+# Exit status when another worker of a multi-worker job is gone (sysexits' EX_UNAVAILABLE).
+WORKER_LOST = 69
 
 
 class ProgressBar:
@@ -136,6 +142,9 @@ def _train() -> str:
     except stop_signals.Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)
+    except distribute.WorkerLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(WORKER_LOST)
     return evaluation.format_results(results)
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from mamlpp_tf import tensorboard_scalars
 from mamlpp_tf.training import distribute
 
-from conftest import ROOT, TINY, run_job
+from conftest import ROOT, TINY, comparable_results, run_job
 
 HELPER = os.path.join(ROOT, "tests", "distributed_helper.py")
 TIMEOUT_S = 420
@@ -218,12 +218,14 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _run_two_workers(tmp_path, model_dir: str) -> list[str]:
-    """Runs the TINY job on two workers on loopback; checks both exit 0; their stdout.
+def _start_two_workers(tmp_path, model_dir: str) -> list[subprocess.Popen]:
+    """Starts the TINY job on two workers on loopback.
 
     Each worker runs under tests/distributed_helper.py, which logs its file
-    writes to `writes<index>.json`. Both are killed after `TIMEOUT_S`.
+    writes to `tmp_path/writes<index>.json`; stdout and stderr go to
+    `tmp_path/worker<index>.{out,err}`.
     """
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     processes = []
     for index in range(2):
@@ -241,23 +243,42 @@ def _run_two_workers(tmp_path, model_dir: str) -> list[str]:
                                  env=_env(TF_CONFIG=task),
                                  stdout=out,
                                  stderr=err))
-    deadline = time.time() + TIMEOUT_S
+    return processes
+
+
+def _wait_all(processes: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
+    """Exit statuses once all have ended; None for one still running after `timeout_s` (killed)."""
+    deadline = time.time() + timeout_s
+    statuses = []
     for process in processes:
         try:
-            process.wait(timeout=max(1.0, deadline - time.time()))
+            statuses.append(process.wait(timeout=max(0.1, deadline - time.time())))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for index, process in enumerate(processes):
+            statuses.append(None)
+    return statuses
+
+
+def _run_two_workers(tmp_path, model_dir: str) -> list[str]:
+    """Runs the TINY job on two workers to its end; checks both exit 0; their stdout."""
+    statuses = _wait_all(_start_two_workers(tmp_path, model_dir), TIMEOUT_S)
+    for index, status in enumerate(statuses):
         stderr = (tmp_path / f"worker{index}.err").read_text()
-        assert process.returncode == 0, f"worker {index}: {stderr[-3000:]}"
+        assert status == 0, f"worker {index}: {stderr[-3000:]}"
     return [(tmp_path / f"worker{index}.out").read_text() for index in range(2)]
 
 
-def test_two_workers_match_one_process_and_only_the_chief_writes(
-        finished_run, tmp_path):
-    model_dir = str(tmp_path / "multi_worker")
-    outputs = _run_two_workers(tmp_path, model_dir)
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    """One uninterrupted two-worker TINY run: `(model_dir, logs_dir, stdouts)`."""
+    logs = tmp_path_factory.mktemp("two_workers")
+    model_dir = str(logs / "run")
+    return model_dir, logs, _run_two_workers(logs, model_dir)
+
+
+def test_two_workers_match_one_process_and_only_the_chief_writes(finished_run, two_worker_run):
+    model_dir, tmp_path, outputs = two_worker_run
     # Both workers tested the same (chief-written) models on all tasks.
     assert _results_table(outputs[0]) == _results_table(outputs[1])
     writes = [json.load(open(tmp_path / f"writes{index}.json")) for index in range(2)]
@@ -274,3 +295,58 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(
     assert len(temporary) == sum(write["kind"] == "checkpoint" for write in writes[0])
     assert not any(os.path.exists(os.path.dirname(path)) for path in temporary)
     _assert_matches_one_device(model_dir, finished_run[0])
+
+
+def _kill_one_worker(tmp_path, model_dir: str, signum: int) -> tuple[list, float]:
+    """Starts two workers, sends `signum` to worker 1 after the chief's first checkpoint.
+
+    Returns:
+      Both exit statuses (None: still running 120 s after the signal) and the
+      seconds from the signal to the last exit.
+    """
+    processes = _start_two_workers(tmp_path, model_dir)
+    latest = os.path.join(model_dir, "checkpoints", "latest")
+    deadline = time.time() + TIMEOUT_S
+    while (tf.train.latest_checkpoint(latest) if os.path.isdir(latest) else None) is None:
+        assert all(p.poll() is None for p in processes) and time.time() < deadline, (
+            (tmp_path / "worker0.err").read_text()[-3000:])
+        time.sleep(0.05)
+    processes[1].send_signal(signum)
+    sent = time.time()
+    statuses = _wait_all(processes, 120)
+    return statuses, time.time() - sent
+
+
+def _error_lines(tmp_path, index: int) -> list[str]:
+    stderr = (tmp_path / f"worker{index}.err").read_text()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_killed_worker_ends_the_other_with_an_error_and_a_restart_resumes_identically(
+        two_worker_run, tmp_path):
+    model_dir = str(tmp_path / "run")
+    statuses, elapsed = _kill_one_worker(tmp_path / "killed", model_dir, signal.SIGKILL)
+    assert statuses == [69, -signal.SIGKILL], statuses  # train.WORKER_LOST for the chief.
+    assert elapsed < 60
+    lines = _error_lines(tmp_path / "killed", 0)
+    assert len(lines) == 1 and lines[0].startswith("error: lost another worker during "), lines
+    assert "re-run the same command on all of them" in lines[0]
+    _run_two_workers(tmp_path / "restarted", model_dir)
+    assert comparable_results(model_dir) == comparable_results(two_worker_run[0])
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_worker_ends_both_and_a_restart_resumes_identically(
+        two_worker_run, tmp_path):
+    """Before, the coordination service took SIGTERM: the signalled worker went on training."""
+    model_dir = str(tmp_path / "run")
+    statuses, elapsed = _kill_one_worker(tmp_path / "killed", model_dir, signal.SIGTERM)
+    assert statuses[1] == 128 + signal.SIGTERM and statuses[0] in (128 + signal.SIGTERM, 69), (
+        statuses)
+    assert elapsed < 60
+    stopped = (tmp_path / "killed" / "worker1.err").read_text()
+    assert "stopped by signal 15 during" in stopped
+    _run_two_workers(tmp_path / "restarted", model_dir)
+    assert comparable_results(model_dir) == comparable_results(two_worker_run[0])
+

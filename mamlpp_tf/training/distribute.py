@@ -25,6 +25,32 @@ import tempfile
 from absl import logging
 import tensorflow as tf
 
+# `max_over_workers` agrees on values below this (signal numbers are below 65).
+_AGREEMENT_RANGE = 65
+
+
+# What a collective raises when a peer worker is gone (connection refused, health
+# check failed, collective aborted or timed out).
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.CancelledError, tf.errors.AbortedError)
+
+
+class WorkerLost(RuntimeError):
+    """Another worker of a multi-worker job is gone; this one cannot go on alone."""
+
+
+def worker_lost(error: tf.errors.OpError, where: str, resume: str) -> WorkerLost:
+    """A `WorkerLost` for `error`, raised by a collective during `where`.
+
+    Args:
+      error: One of `PEER_ERRORS`.
+      where: The phase of the job, e.g. "meta-iteration 7 (epoch 0)".
+      resume: What the run directory holds for a resume.
+    """
+    cause = error.message.split("}} ", 1)[-1].split(" [Op:", 1)[0].splitlines()[0]
+    return WorkerLost(f"lost another worker during {where} ({cause[:200]}); stop every "
+                      f"worker and re-run the same command on all of them: {resume}")
+
 
 def split_cpu(replicas: int) -> None:
     """Splits the first CPU into `replicas` logical devices (before TF initialises).
@@ -136,9 +162,14 @@ def max_over_workers(strategy: tf.distribute.Strategy, value: int) -> int:
     """
     if num_workers(strategy) == 1:
         return value
-    largest = strategy.reduce(tf.distribute.ReduceOp.MAX,
-                              strategy.run(lambda: tf.constant(float(value))), axis=None)
-    return int(largest.numpy())
+    if not 0 <= value < _AGREEMENT_RANGE:
+        raise ValueError(f"max_over_workers takes values in [0, {_AGREEMENT_RANGE}), "
+                         f"got {value}")
+    # ReduceOp has no MAX: sum one-hot vectors and take the largest value present.
+    one_hot = tf.one_hot(value, _AGREEMENT_RANGE)
+    counts = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: one_hot),
+                             axis=None).numpy()
+    return int(counts.nonzero()[0].max())
 
 
 def write_as_non_chief(checkpoint: tf.train.Checkpoint) -> None:

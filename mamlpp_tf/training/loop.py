@@ -68,7 +68,8 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
       ValueError: incompatible `model_dir`, episodes that do not fit the data, or
         a `model_dir` in use by another process (`run_dir.RunLockedError`).
       data.DatasetNotFoundError: the dataset is missing.
-      stop_signals.Interrupted: a signal stopped the job.
+      stop_signals.Interrupted: a signal stopped the job (or another worker of it).
+      distribute.WorkerLost: another worker is gone (multi-worker training).
       NonFiniteUpdate: a non-finite update under `--nan_policy=stop`.
     """
     start_time = time.time()
@@ -76,6 +77,7 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
     with stop_signals.StopSignals(resume=lambda: _resume_text(directory)) as signals:
         run = Run(config, distribute.resolve(config.strategy, config.meta_batch_size,
                                              config.cpu_replicas))
+        signals.reinstall()  # A multi-worker strategy's runtime took SIGTERM.
         if run.chief:
             run.dir.check_config(config, override=override_config)
         finished = run.dir.read_results()
@@ -83,12 +85,17 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
             logging.info("Run in %s already finished; not training again.", config.model_dir)
             return finished
         run.build()  # Fails on bad data or flags before anything is written.
-        with RunLock(config.model_dir) if run.chief else contextlib.nullcontext():
-            if run.chief:
-                run.dir.write_or_check_config(config, override=override_config)
-            loop = _Loop(run, signals, log_every, progress)
-            loop.train()
-            return loop.test(start_time)
+        try:
+            with RunLock(config.model_dir) if run.chief else contextlib.nullcontext():
+                if run.chief:
+                    run.dir.write_or_check_config(config, override=override_config)
+                loop = _Loop(run, signals, log_every, progress)
+                loop.train()
+                return loop.test(start_time)
+        except distribute.PEER_ERRORS as error:
+            if distribute.num_workers(run.strategy) == 1:
+                raise
+            raise distribute.worker_lost(error, signals.phase, _resume_text(directory)) from None
 
 
 def _resume_text(directory: RunDir) -> str:

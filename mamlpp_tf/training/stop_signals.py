@@ -68,6 +68,17 @@ class StopSignals:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def reinstall(self) -> None:
+        """Takes SIGTERM and SIGINT back after a library took them.
+
+        TensorFlow's coordination service (started with a multi-worker
+        strategy) installs its own SIGTERM handler in C++, for its preemption
+        notifier; Python still believes its handler is in place, and a SIGTERM
+        then does nothing visible. Call this once the strategy exists.
+        """
+        for signum in SIGNALS:
+            signal.signal(signum, self._handle)
+
     def __exit__(self, *exc) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in self._previous.items():
