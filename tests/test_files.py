@@ -181,3 +181,28 @@ def test_a_failed_first_export_on_ram_leaves_no_folder(ram_dir):
     with pytest.raises(OSError, match="disk full"):
         saved_models.write_version(f"{ram_dir}/name", _GfileArchive("x", fail=True), {})
     assert not tf.io.gfile.exists(f"{ram_dir}/name")
+
+
+def test_a_refused_write_raises_one_write_error_naming_the_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    path = str(blocker / "results.json")
+    with pytest.raises(files.WriteError, match=f"cannot write {path}: ") as raised:
+        files.write_json(path, {"a": 1})
+    assert raised.value.path == path
+    assert blocker.read_text() == "not a directory"
+
+
+def test_writing_names_the_whole_for_a_part_and_the_cause_of_tensorflow_errors():
+    with pytest.raises(files.WriteError) as raised:
+        with files.writing("/exports/model"):
+            raise files.WriteError("/exports/model/.tmp/info.json", "Read-only file system")
+    assert str(raised.value) == "cannot write /exports/model: Read-only file system"
+    with pytest.raises(files.WriteError) as raised:
+        with files.writing("/run/checkpoints/latest/ckpt-6"):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "/run/ckpt-6_temp/part-0.index.tempstate1; No space left on device")
+    assert raised.value.cause == "No space left on device"
+    with pytest.raises(ValueError):  # Not a storage error: passes unchanged.
+        with files.writing("/run/x"):
+            raise ValueError("bad value")
