@@ -263,10 +263,34 @@ def _read_split(builder: tfds.core.DatasetBuilder,
                           num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
     batches = dataset.batch(1024).prefetch(2)
-    for batch_images, batch_labels in batches.as_numpy_iterator():
-        images.append(preprocess(batch_images))
-        labels.append(batch_labels)
+    try:
+        for batch_images, batch_labels in batches.as_numpy_iterator():
+            images.append(preprocess(batch_images))
+            labels.append(batch_labels)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        raise ValueError(_damage(builder, tfds_split, error)) from None
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _damage(builder: tfds.core.DatasetBuilder, tfds_split: str,
+            error: tf.errors.OpError) -> str:
+    """Names the damaged record file of `tfds_split` (a corrupt record or image) and what to do.
+
+    Reads the split's files one by one, on this failure path only, to find
+    the one whose records do not read; an image that does not decode is
+    inside a readable record, so then the split alone is named.
+    """
+    damaged = "a record whose image does not decode"
+    for path in builder.info.splits[tfds_split].filepaths:
+        try:
+            for _ in tf.data.TFRecordDataset(str(path)):
+                pass
+        except tf.errors.DataLossError:
+            damaged = f"record file {path}"
+            break
+    cause = error.message.split("}} ", 1)[-1].splitlines()[0][:200]
+    return (f"--data_dir={builder.data_dir}: Omniglot's TFDS split '{tfds_split}' is damaged: "
+            f"{damaged} ({cause}); prepare the data again (README, 'Data')")
 
 
 def _record_files(tfds_names: Sequence[str], labels: np.ndarray,

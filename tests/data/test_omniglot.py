@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import pathlib
+import shutil
 import zipfile
 
 import numpy as np
@@ -333,3 +334,18 @@ def test_real_tfds_dir_with_file_order_equals_the_official_pngs():
                 reference = np.array(png.resize((28, 28), Image.LANCZOS), np.float32)
                 np.testing.assert_array_equal(class_set.images[c, i, :, :, 0],
                                               reference)
+
+
+@needs_shared_tfds
+def test_a_corrupt_record_file_is_named_with_its_split(tmp_path):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(SHARED_TFDS / "omniglot", data_dir / "omniglot")
+    shard = data_dir / "omniglot" / "3.0.0" / "omniglot-test.tfrecord-00000-of-00001"
+    with open(shard, "r+b") as stream:  # Garbage over a record in the middle: a bad CRC.
+        stream.seek(shard.stat().st_size // 2)
+        stream.write(b"\xff" * 64)
+    with pytest.raises(ValueError) as raised:
+        omniglot.load("paper", data_dir=data_dir)
+    message = str(raised.value)
+    assert "TFDS split 'test' is damaged" in message and f"record file {shard}" in message, message
+    assert message.startswith(f"--data_dir={data_dir}")
