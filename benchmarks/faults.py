@@ -245,8 +245,11 @@ def _worker_kills(count: int, lifetime: float, reference: dict,
         other = 1 - victim
         injection = Injection(kind, index, round(at, 2), statuses[other], elapsed,
                               message=_last_line(logs[other]))
-        injection.clean = "hung" not in statuses and (
-            statuses[other] == 0 or bool(injection.message))
+        # The other exits with its error line (or both stop after a SIGTERM); a
+        # SIGTERM'd worker stops with status 143.
+        injection.clean = (statuses[other] in (69, 128 + signal.SIGTERM) and
+                           bool(injection.message) and
+                           ("KILL" in kind or statuses[victim] == 128 + signal.SIGTERM))
         injection.readable = _readable(model_dir)
         injection.identical = _finish(model_dir, workers=2) and (
             _comparable(model_dir) == reference)

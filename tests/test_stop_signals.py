@@ -62,3 +62,21 @@ def test_the_previous_handlers_and_no_alarm_remain_after_the_job():
             _signal_self()
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+class _SignalsWhenCollected:
+    """A finaliser that a signal lands in, as it now and then does in TensorFlow's."""
+
+    def __del__(self):
+        _signal_self()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_raise_a_finaliser_swallowed_stops_the_next_phase():
+    with stop_signals.StopSignals(resume=lambda: "resumes from ckpt-3") as signals:
+        signals.phase = "the writes of epoch 1"
+        _SignalsWhenCollected()  # Collected at once: Python prints "Exception ignored".
+        assert signals.signum == signal.SIGTERM  # The job went on...
+        with pytest.raises(stop_signals.Interrupted) as raised:
+            signals.phase = "the final test"  # ...until its next phase.
+    assert "during the writes of epoch 1; resumes from ckpt-3" in str(raised.value)

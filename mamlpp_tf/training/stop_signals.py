@@ -56,8 +56,8 @@ class StopSignals:
 
     def __init__(self, resume: Callable[[], str] = lambda: "no checkpoint yet",
                  grace_s: float = 15.0):
-        self.phase = "start-up"
         self.signum: int | None = None
+        self._phase = "start-up"
         self._resume = resume
         self._grace_s = grace_s
         self._deferring = False
@@ -67,6 +67,25 @@ class StopSignals:
         for signum in SIGNALS + (signal.SIGALRM,):
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    @property
+    def phase(self) -> str:
+        """What the job is doing, for the message of `Interrupted`."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, where: str) -> None:
+        """Enters the phase `where`; first raises `Interrupted` for a signal left pending.
+
+        Python ignores an exception raised in a finaliser (`__del__`, a
+        weakref callback), printing "Exception ignored", and a signal handler
+        runs in whatever code the main thread is in: now and then, one of
+        TensorFlow's finalisers. A signal whose `Interrupted` was swallowed so
+        is still recorded here, and the next phase the job enters stops it.
+        """
+        if self.signum is not None and not self._deferring:
+            self.raise_interrupted()
+        self._phase = where
 
     def reinstall(self) -> None:
         """Takes SIGTERM and SIGINT back after a library took them.
@@ -87,7 +106,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         del frame
         if signum == signal.SIGALRM:  # The grace of a deferred block ran out.
-            self.phase += f" ({self._grace_s:g} s after the signal)"
+            self._phase += f" ({self._grace_s:g} s after the signal)"
             self.raise_interrupted()
         first = self.signum is None
         self.signum = signum
