@@ -44,6 +44,7 @@ class Run:
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.dir = RunDir(config.model_dir)
+        self._eval_tasks: dict[tuple[str, int], tf.data.Dataset] = {}
 
     @classmethod
     def from_dir(cls, model_dir: str, strategy: tf.distribute.Strategy | None = None,
@@ -112,7 +113,8 @@ class Run:
 
         The meta-batch is the largest size that divides the number of tasks (so
         every step has the same static shape and none retraces), is a multiple
-        of the replicas and does not exceed the training meta-batch.
+        of the replicas and does not exceed the training meta-batch. Built once
+        per split and size: `build()`, validation and the final test share it.
 
         Args:
           split: "val" or "test".
@@ -124,15 +126,19 @@ class Run:
         config = self.config
         if num_tasks is None:
             num_tasks = config.val_tasks if split == "val" else config.test_tasks
+        if (split, num_tasks) in self._eval_tasks:
+            return self._eval_tasks[split, num_tasks]
         replicas = self.strategy.num_replicas_in_sync
         size = math.gcd(num_tasks, config.meta_batch_size)
         if size % replicas:
             raise ValueError(f"--{split}_tasks={num_tasks} cannot be split evenly over "
                              f"{replicas} replicas with --meta_batch_size="
                              f"{config.meta_batch_size}")
-        return data.episodes(self.class_sets[split], config.learner.n_way, config.k_shot,
-                             config.n_query, size, seed=config.val_seed, split_kind=split,
-                             num_tasks=num_tasks)
+        tasks = data.episodes(self.class_sets[split], config.learner.n_way, config.k_shot,
+                              config.n_query, size, seed=config.val_seed, split_kind=split,
+                              num_tasks=num_tasks)
+        self._eval_tasks[split, num_tasks] = tasks
+        return tasks
 
     def save_epoch(self, epoch: int) -> None:
         """Keeps the learner's current model as the checkpoint of `epoch`.
