@@ -48,4 +48,5 @@ def _export() -> str:
 
 if __name__ == "__main__":
     # ImportError: tensorflow-serving-api (the warm-up records) missing; it names the install.
-    cli.run(_export, user_errors=(ValueError, FileNotFoundError, ImportError))
+    cli.run(_export, user_errors=(ValueError, FileNotFoundError, ImportError),
+            job="the export of a task model")

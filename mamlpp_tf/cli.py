@@ -12,6 +12,7 @@ from absl import app, flags, logging
 import tensorflow as tf
 
 from mamlpp_tf import files
+from mamlpp_tf.training import stop_signals
 
 
 def quiet_tensorflow_logs() -> None:
@@ -52,14 +53,20 @@ STORAGE_FAILURE = 74
 
 
 def run(body: Callable[[], str | None],
-        user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-        ) -> None:
+        user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError),
+        job: str = "the job") -> None:
     """Runs an entry point: flags parsed with one-line errors, quiet TF logs, user errors.
 
     Args:
       body: Does the work from the parsed flags; returns the text to print (or None).
       user_errors: Exceptions that mean bad flags, files or data: reported in one
         line with exit status 2 instead of a traceback.
+      job: What `body` does, e.g. "the export", for the message of a signal.
+
+    SIGTERM or SIGINT stops `body` at once (`stop_signals.StopSignals`; the
+    training loop installs its own, finer phases inside) and is reported in one
+    line naming `job`, with status 128 + the signal; every writer is atomic and
+    cleans up its temporary files, so the same command can simply run again.
 
     A write the storage refuses (`files.WriteError`: a full disk, a read-only
     directory) is reported in one line naming the path, with status
@@ -72,7 +79,13 @@ def run(body: Callable[[], str | None],
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         quiet_tensorflow_logs()
         try:
-            text = body()
+            with stop_signals.StopSignals(
+                    resume=lambda: "what was written before is intact") as signals:
+                signals.phase = job
+                text = body()
+        except stop_signals.Interrupted as stop:
+            print(f"error: {stop}", file=sys.stderr)
+            sys.exit(128 + stop.signum)
         except files.WriteError as error:
             print(f"error: {error}; what was written before is intact: fix the storage and "
                   "run the same command again", file=sys.stderr)

@@ -47,4 +47,4 @@ def _evaluate() -> str:
 
 
 if __name__ == "__main__":
-    cli.run(_evaluate)
+    cli.run(_evaluate, job="the evaluation")

@@ -152,4 +152,4 @@ if __name__ == "__main__":
     # --help lists the main module's flags; the job's are defined in mamlpp_tf.flags.
     flags.adopt_module_key_flags(run_flags)
     flags.declare_key_flag("flagfile")
-    cli.run(_train)
+    cli.run(_train, job="the start of training")

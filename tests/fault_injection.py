@@ -1,4 +1,4 @@
-"""Subprocess side of the fault tests: the training job with one fault injected.
+"""Subprocess side of the fault tests: an entry point with one fault injected.
 
 python tests/fault_injection.py nan ITERATION TRAIN_FLAGS...
 Runs `python -m mamlpp_tf.train TRAIN_FLAGS...` in this process with the
@@ -6,12 +6,19 @@ support images of meta-iteration ITERATION (1-based, counted over the whole
 run: a resumed job skips the ones before its checkpoint) made NaN, so that
 meta-step's loss and gradients are not finite. Exits with the job's status.
 
+python tests/fault_injection.py sigterm MODULE:ATTRIBUTE ENTRY_MODULE FLAGS...
+Runs `python -m ENTRY_MODULE FLAGS...` in this process; the first call of
+`MODULE.ATTRIBUTE` (e.g. `export.saved_models:write_warmup`) sends this
+process SIGTERM and goes on, so the signal lands inside that call.
+
 The fault is injected here, from outside the package, so the production loop
 carries no test hook.
 """
 
+import importlib
 import os
 import runpy
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,15 +47,37 @@ def poison_iteration(iteration: int) -> None:
     Run.train_tasks = poisoned
 
 
-def run_training(argv: list[str]) -> None:
-    """`python -m mamlpp_tf.train argv...` in this process; exits with its status."""
-    sys.argv = ["mamlpp_tf.train"] + argv
-    runpy.run_module("mamlpp_tf.train", run_name="__main__")
+def sigterm_inside(target: str) -> None:
+    """Makes the first call of `target` ("module:Class.method") SIGTERM this process."""
+    module, attribute = target.split(":")
+    *path, name = attribute.split(".")
+    owner = importlib.import_module(module)
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)
+    sent = []
+
+    def signalled(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, signalled)
+
+
+def run_entry_point(module: str, argv: list[str]) -> None:
+    """`python -m module argv...` in this process; exits with its status."""
+    sys.argv = [module] + argv
+    runpy.run_module(module, run_name="__main__")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "nan":
         poison_iteration(int(sys.argv[2]))
-        run_training(sys.argv[3:])
+        run_entry_point("mamlpp_tf.train", sys.argv[3:])
+    elif sys.argv[1] == "sigterm":
+        sigterm_inside(sys.argv[2])
+        run_entry_point(sys.argv[3], sys.argv[4:])
     else:
         raise SystemExit(f"unknown fault {sys.argv[1]!r}")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -743,6 +744,25 @@ def test_cli_reports_bad_input_in_one_line(exported, tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "broken.png" in errors[0]
     assert not (tmp_path / "models").exists()
+
+
+def test_a_sigterm_inside_the_write_ends_the_export_in_one_line_leaving_nothing(
+        exported, tmp_path):
+    export_dir = tmp_path / "models" / "task"
+    # `keras.export.ExportArchive()` builds a backend subclass: the SavedModel
+    # write is the method of the base class below.
+    code, _, stderr = run_command([
+        sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), "sigterm",
+        "keras.src.export.saved_model_export_archive:SavedModelExportArchive.write_out",
+        "export.task_model",
+        f"--model_dir={exported.model_dir}", f"--support={exported.support_dir}",
+        f"--export_dir={export_dir}"
+    ])
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "during the export of a task model" in errors[0], stderr
+    # The hidden temporary folder is gone, and so is the folder the export created.
+    assert not (tmp_path / "models" / "task").exists()
 
 
 class _Archive:

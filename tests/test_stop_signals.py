@@ -2,10 +2,13 @@
 
 import os
 import signal
+import sys
 import time
 
+from absl.testing import flagsaver
 import pytest
 
+from mamlpp_tf import cli
 from mamlpp_tf.training import stop_signals
 
 
@@ -80,3 +83,22 @@ def test_a_signal_whose_raise_a_finaliser_swallowed_stops_the_next_phase():
         with pytest.raises(stop_signals.Interrupted) as raised:
             signals.phase = "the final test"  # ...until its next phase.
     assert "during the writes of epoch 1; resumes from ckpt-3" in str(raised.value)
+
+
+def test_an_entry_point_stopped_by_a_signal_names_its_job_in_one_line(capsys, monkeypatch):
+    """evaluate, export and report: `cli.run` turns a signal into one line and 128 + signum."""
+    monkeypatch.setattr(sys, "argv", ["export"])
+
+    def body():
+        _signal_self()
+        return "finished"
+
+    before = signal.getsignal(signal.SIGTERM)
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as stop:
+        cli.run(body, job="the export of a task model")
+    assert stop.value.code == 128 + signal.SIGTERM
+    captured = capsys.readouterr()
+    assert "finished" not in captured.out
+    assert captured.err.startswith("error: stopped by signal 15 during the export of a task "
+                                   "model; what was written before is intact;"), captured.err
+    assert signal.getsignal(signal.SIGTERM) is before
