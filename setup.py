@@ -13,7 +13,9 @@ EXTRAS = {
     "cpu": ["tensorflow-cpu>=2.16"],
     "gpu": ["tensorflow[and-cuda]>=2.16"],
     "tf": ["tensorflow>=2.16"],
-    "test": ["pytest>=7", "hypothesis>=6", "pillow>=9", "psutil>=5", "ruff==0.17.6"],
+    # pytest-xdist: README's test command runs one pytest worker per core.
+    "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "pillow>=9", "psutil>=5",
+             "ruff==0.17.6"],
     # No "serving" extra: tensorflow-serving-api (the protos of the exports' warm-up
     # records and of export.client's gRPC path) requires the full `tensorflow` wheel,
     # which must not sit beside tensorflow-cpu. Install it with

@@ -90,7 +90,8 @@ def test_num_workers_counts_the_chief_and_the_workers(jobs, task, workers):
 # ------------------------------------------- mirrored meta-step == one device
 
 
-@pytest.mark.parametrize("bn_stats", ["batch", "tasknorm"])
+# tasknorm (its support-set statistics and meta-parameters per replica): twice batch's time.
+@pytest.mark.parametrize("bn_stats", ["batch", pytest.param("tasknorm", marks=pytest.mark.slow)])
 def test_mirrored_meta_steps_equal_one_device(tmp_path, bn_stats):
     """3 SGD meta-steps, 4 tasks on 2 replicas vs 1 device, gradient clipping active.
 

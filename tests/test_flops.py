@@ -56,9 +56,17 @@ def test_pruned_ops_are_not_counted():
     assert flops.graph_flops(function) == 2 * 2 * (16 * 2) * (3 * 3 * 2)
 
 
-@pytest.mark.parametrize("task_impl", ["loop", "batched"])
-@pytest.mark.parametrize("second_order,msl", [(True, True), (False, True), (True, False)])
-@pytest.mark.parametrize("max_pooling", [True, False])
+def _step_cases():
+    """Every layout, order, MSL and pooling; half of them (alternating) only in the slow run."""
+    for i, task_impl in enumerate(("loop", "batched")):
+        for j, (second_order, msl) in enumerate(((True, True), (False, True), (True, False))):
+            for k, max_pooling in enumerate((True, False)):
+                marks = [pytest.mark.slow] if (i + j + k) % 2 else []
+                yield pytest.param(task_impl, second_order, msl, max_pooling, marks=marks,
+                                   id=f"{max_pooling}-{msl}-{second_order}-{task_impl}")
+
+
+@pytest.mark.parametrize("task_impl,second_order,msl,max_pooling", _step_cases())
 def test_analytic_count_equals_the_traced_steps(task_impl, second_order, msl, max_pooling):
     config = LearnerConfig(n_way=3, image_shape=(12, 10, 2), num_filters=4, num_stages=3,
                            inner_steps=3, eval_inner_steps=3, max_pooling=max_pooling,

@@ -4,7 +4,8 @@ A block preceded by `<!-- readme-test -->` is run verbatim in a scratch folder
 (with `flags/` linked in, so relative run directories land there): bash blocks
 command by command, Python blocks as a script. Training commands get a few
 flags appended that shrink the run (given later, they override the flagfile's);
-nothing else is changed.
+nothing else is changed. A block marked `<!-- readme-test slow -->` runs with
+the slow tests (a path the default suite already runs by itself).
 """
 
 import os
@@ -16,18 +17,18 @@ import pytest
 
 from conftest import ROOT
 
-MARK = "<!-- readme-test -->"
+MARK = re.compile(r"<!-- readme-test( slow)? -->")
 # Appended to every `python -m mamlpp_tf.train` command: one short epoch.
 SHRINK = ("--epochs=1", "--iterations_per_epoch=4", "--val_tasks=4", "--test_tasks=4",
           "--ensemble_top_k=1")
 
 
-def marked_blocks() -> list[tuple[int, str, str]]:
-    """`(line, language, code)` of every fenced block right after the mark."""
+def marked_blocks() -> list[tuple[int, str, str, bool]]:
+    """`(line, language, code, slow)` of every fenced block right after a mark."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as stream:
         text = stream.read()
-    pattern = re.compile(re.escape(MARK) + r"\n```(\w+)\n(.*?)\n```", re.S)
-    return [(text[:m.start()].count("\n") + 1, m.group(1), m.group(2))
+    pattern = re.compile(MARK.pattern + r"\n```(\w+)\n(.*?)\n```", re.S)
+    return [(text[:m.start()].count("\n") + 1, m.group(2), m.group(3), bool(m.group(1)))
             for m in pattern.finditer(text)]
 
 
@@ -39,12 +40,13 @@ def commands(code: str) -> list[str]:
 
 
 def test_the_readme_marks_its_runnable_blocks():
-    languages = [language for _, language, _ in marked_blocks()]
+    languages = [language for _, language, _, _ in marked_blocks()]
     assert languages.count("bash") >= 2 and languages.count("python") >= 1, languages
 
 
-@pytest.mark.parametrize("line,language,code", marked_blocks(),
-                         ids=[f"README.md:{line}" for line, _, _ in marked_blocks()])
+@pytest.mark.parametrize("line,language,code", [
+    pytest.param(line, language, code, marks=[pytest.mark.slow] if slow else [],
+                 id=f"README.md:{line}") for line, language, code, slow in marked_blocks()])
 def test_marked_block_runs_as_written(line, language, code, tmp_path):
     os.symlink(os.path.join(ROOT, "flags"), tmp_path / "flags")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",

@@ -41,6 +41,12 @@ CONTEXT_MODES = {
                                     tasknorm_unbiased=True),
     "tasknorm-channel": dict(bn_stats="tasknorm", tasknorm_alpha="channel"),
 }
+# TaskNorm's options only change how its blend is formed; the slow, whole-path tests
+# (finite differences, SavedModels) run them with the slow tests.
+SLOW_TASKNORM_OPTIONS = [
+    pytest.param(mode, marks=[pytest.mark.slow] if mode.startswith("tasknorm-") else [])
+    for mode in CONTEXT_MODES
+]
 
 
 def randomise_tasknorm(learner: MamlPlusPlus, seed: int = 0) -> None:
@@ -63,7 +69,7 @@ def make_learner(mode: str, **overrides) -> MamlPlusPlus:
 
 
 @pytest.mark.parametrize("per_step_bn", [True, False], ids=["per_step_bn", "shared_bn"])
-@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+@pytest.mark.parametrize("mode", SLOW_TASKNORM_OPTIONS)
 def test_second_order_meta_gradient_equals_finite_differences(mode, per_step_bn):
     learner = make_learner(mode, inner_steps=3, eval_inner_steps=3, msl_epochs=3,
                            per_step_bn=per_step_bn)
@@ -287,7 +293,7 @@ def _preprocessing(learner: MamlPlusPlus) -> Preprocessing:
     return Preprocessing(image_shape=learner.config.image_shape, kind="omniglot")
 
 
-@pytest.mark.parametrize("mode", list(CONTEXT_MODES))
+@pytest.mark.parametrize("mode", SLOW_TASKNORM_OPTIONS)
 def test_saved_models_answer_any_grouping_of_queries_as_eval_step(mode, tmp_path):
     learner = make_learner(mode, dtype="float32", task_impl="batched")
     bn_stats = learner.config.bn_stats

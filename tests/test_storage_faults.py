@@ -109,6 +109,8 @@ def test_a_full_disk_stops_the_job_naming_the_path_and_the_resume_is_identical(
     assert comparable_results(model_dir) == comparable_results(finished_run[0])
 
 
+# The same path as a full disk (a refused write mid-run, then a resume), by another errno.
+@pytest.mark.slow
 def test_a_run_directory_turned_read_only_mid_run_stops_it_and_resumes_identically(
         finished_run, mounts, tmp_path):
     model_dir = str(tmp_path / "run")

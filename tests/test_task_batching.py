@@ -169,11 +169,19 @@ def test_train_step_updates_variables_and_running_statistics_alike(dtype, rtol):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("second_order", [True, False], ids=["second", "first"])
-@pytest.mark.parametrize("bn_stats,tasknorm", [
-    ("support", {}), ("rn", {}), ("tasknorm", {}),
-    ("tasknorm", dict(tasknorm_alpha="channel", tasknorm_unbiased=True))],
-                         ids=["support", "rn", "tasknorm", "tasknorm-channel-unbiased"])
+def _context_cases():
+    """Each mode at both derivative orders; half of them (alternating) only in the slow run."""
+    modes = [("support", {}), ("rn", {}), ("tasknorm", {}),
+             ("tasknorm-channel-unbiased", dict(tasknorm_alpha="channel",
+                                                tasknorm_unbiased=True))]
+    for index, (name, tasknorm) in enumerate(modes):
+        for order, second_order in enumerate((True, False)):
+            marks = [pytest.mark.slow] if (index + order) % 2 else []
+            yield pytest.param(name.split("-")[0], tasknorm, second_order, marks=marks,
+                               id=f"{name}-{'second' if second_order else 'first'}")
+
+
+@pytest.mark.parametrize("bn_stats,tasknorm,second_order", _context_cases())
 def test_context_statistics_agree_across_layouts(bn_stats, tasknorm, second_order):
     """Support-set statistics (RN's and TaskNorm's blends) per task in the batched layout."""
     config = small_config(bn_stats=bn_stats, second_order=second_order, **tasknorm)

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mamlpp_tf import cli, tensorboard_scalars, train
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf import tensorboard_scalars
 from mamlpp_tf.training import evaluation
 from mamlpp_tf.training.run import Run
 from mamlpp_tf.training.trainer import Trainer
 
-from conftest import ROOT, comparable_results, run_job
+from conftest import ROOT, TINY, comparable_results, run_job
 
 
 def test_two_epoch_run_writes_checkpoints_results_and_summaries(finished_run):
@@ -176,6 +176,9 @@ def test_other_flags_on_an_existing_run_are_refused(finished_run):
     assert "Traceback" not in stderr
 
 
+# The default suite kills a run after a checkpoint in test_fault_tolerance.py (and
+# damages that checkpoint too); this undamaged case runs with the slow tests.
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_results(finished_run, tmp_path):
     model_dir = str(tmp_path / "killed")
     process = run_job(model_dir, wait=False)
@@ -207,6 +210,21 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints", "latest"))
 
 
+def train_in_process(monkeypatch, capsys, model_dir, *extra):
+    """`python -m mamlpp_tf.train` on the TINY config inside this process.
+
+    Returns (exit status, stderr). Op determinism, which the job turns on for
+    good, stays as it was for the other tests of this process.
+    """
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["mamlpp_tf.train", f"--model_dir={model_dir}", *TINY,
+                                      *extra])
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as stop:
+        cli.run(train._train, job="the start of training")
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,named", [
     (["--nolearn_inner_lr", "--inner_update=meta_sgd"], "learn_inner_lr"),
     (["--n_way=25"], "n_way=25"),
@@ -214,15 +232,24 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     (["--bn_stats=running"], "bn_stats='support'"),
     (["--tasknorm_alpha=layer"], "tasknorm_alpha=layer"),
     (["--meta_batch_size=0"], "meta_batch_size"),
-    (["--strategy=mirrored", "--cpu_replicas=3"], "meta_batch_size=2"),
     (["--inner_update=meta_sgd", "--nolearn_inner_lr", "--bn_stats=running"],
      "; flag --bn_stats=running"),
 ])
-def test_bad_flags_give_one_named_line(tmp_path, extra, named):
-    code, _, stderr = run_job(str(tmp_path / "bad"), *extra)
+def test_bad_flags_give_one_named_line(tmp_path, monkeypatch, capsys, extra, named):
+    code, stderr = train_in_process(monkeypatch, capsys, str(tmp_path / "bad"), *extra)
     assert code == 2, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and named in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_a_meta_batch_the_replicas_cannot_share_gives_one_named_line(tmp_path):
+    # A process of its own: the job sets up 3 logical CPU devices.
+    code, _, stderr = run_job(str(tmp_path / "bad"), "--strategy=mirrored", "--cpu_replicas=3")
+    assert code == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "meta_batch_size=2" in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 

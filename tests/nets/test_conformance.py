@@ -16,7 +16,7 @@ paper's VGG gives it:
 * (built-ins) the training job, the export and the report with `--backbone`.
 
 ResNet-12's mirrored and job cases trace for minutes on 2 cores: they carry the `slow`
-mark (`python -m pytest -m slow`), which CI runs after the default suite.
+mark (`python -m pytest -m slow -n auto --dist loadfile`), which CI runs after the default suite.
 """
 
 import json
@@ -220,12 +220,12 @@ def _query_logits(learner, support_x, query_x, params, step):
     return logits[len(support_x):]
 
 
-# ResNet-12's 16 batch norms make its steps slow to trace (minutes for these two tests on
-# 2 cores): they run with the slow tests.
+# ResNet-12's 16 batch norms make its steps slow to trace (minutes per test on 2 cores):
+# its whole-path tests run with the slow tests.
 SLOW_TO_TRACE = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["mlp", "keras",
+@pytest.mark.parametrize("name", [pytest.param("mlp", marks=pytest.mark.slow), "keras",
                                   pytest.param("resnet12", marks=SLOW_TO_TRACE)])
 def test_mirrored_meta_steps_equal_one_device(name, tmp_path):
     """3 SGD meta-steps: 4 tasks on 2 logical CPUs vs one device (VGG: test_distribute.py).
@@ -255,7 +255,10 @@ def test_mirrored_meta_steps_equal_one_device(name, tmp_path):
     assert bool(z[f"{name}/mirrored/copies_identical"])
 
 
-@pytest.mark.parametrize("bn_stats", ["support", "tasknorm"])
+@pytest.mark.parametrize("network,bn_stats", [
+    pytest.param(network, bn_stats, marks=SLOW_TO_TRACE if (network, bn_stats) == (
+        "resnet12", "tasknorm") else [], id=f"{network}-{bn_stats}")
+    for network in sorted(NETWORKS) for bn_stats in ("support", "tasknorm")])
 def test_exported_task_model_answers_one_image_as_eval_step(network, bn_stats, tmp_path):
     learner = make_learner(network, bn_stats=bn_stats, dtype="float32")
     support_x, support_y, query_x, labels = (x[:1] for x in random_batch(
