@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from mamlpp_tf import cli
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf.training import distribute, evaluation, loop, stop_signals
+from mamlpp_tf.training import distribute, evaluation, loop
 
 # Exit status when another worker of a multi-worker job is gone (sysexits' EX_UNAVAILABLE).
 WORKER_LOST = 69
@@ -139,9 +139,6 @@ def _train() -> str:
     except loop.NonFiniteUpdate as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
-    except stop_signals.Interrupted as stop:
-        logging.warning("%s", stop)
-        sys.exit(128 + stop.signum)
     except distribute.WorkerLost as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(WORKER_LOST)
@@ -152,4 +149,4 @@ if __name__ == "__main__":
     # --help lists the main module's flags; the job's are defined in mamlpp_tf.flags.
     flags.adopt_module_key_flags(run_flags)
     flags.declare_key_flag("flagfile")
-    cli.run(_train, job="the start of training")
+    cli.run(_train, job="the training job")

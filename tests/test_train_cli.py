@@ -221,7 +221,7 @@ def train_in_process(monkeypatch, capsys, model_dir, *extra):
                                       *extra])
     monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)
     with flagsaver.flagsaver(), pytest.raises(SystemExit) as stop:
-        cli.run(train._train, job="the start of training")
+        cli.run(train._train, job="the training job")
     return stop.value.code, capsys.readouterr().err
 
 
