@@ -237,21 +237,22 @@ def train_in_process(monkeypatch, capsys, model_dir, *extra):
 ])
 def test_bad_flags_give_one_named_line(tmp_path, monkeypatch, capsys, extra, named):
     code, stderr = train_in_process(monkeypatch, capsys, str(tmp_path / "bad"), *extra)
-    assert code == 2, stderr[-2000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and named in lines[0], stderr[-2000:]
-    assert "Traceback" not in stderr
-    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+    assert_refused_in_one_line(code, stderr, named, tmp_path / "bad")
 
 
 def test_a_meta_batch_the_replicas_cannot_share_gives_one_named_line(tmp_path):
     # A process of its own: the job sets up 3 logical CPU devices.
     code, _, stderr = run_job(str(tmp_path / "bad"), "--strategy=mirrored", "--cpu_replicas=3")
+    assert_refused_in_one_line(code, stderr, "meta_batch_size=2", tmp_path / "bad")
+
+
+def assert_refused_in_one_line(code, stderr, named, model_dir):
+    """Status 2, one `error:` line naming `named`, no traceback, no checkpoint written."""
     assert code == 2, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "meta_batch_size=2" in lines[0], stderr[-2000:]
+    assert len(lines) == 1 and named in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+    assert not os.path.exists(model_dir / "checkpoints")
 
 
 def test_helpfull_lists_every_flag_with_help():
