@@ -67,3 +67,26 @@ def test_marked_block_runs_as_written(line, language, code, tmp_path):
                                 text=True, timeout=600, check=False)
         assert result.returncode == 0, (f"README.md:{line}: {command[-1]}",
                                         result.stderr[-3000:])
+
+
+def _installs(commands: list[str]) -> list[str]:
+    """The `pip install` commands among `commands`, without `python -m` and `--quiet`."""
+    installs = []
+    for command in commands:
+        words = command.split()
+        if words[:3] == ["python", "-m", "pip"]:
+            words = words[2:]
+        if words[:2] == ["pip", "install"] and "--upgrade" not in words:
+            installs.append(" ".join(word for word in words if word != "--quiet"))
+    return installs
+
+
+def test_ci_installs_what_the_readme_set_up_command_installs():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as stream:
+        readme = stream.read()
+    setup = re.search(r"\*\*Set up and run the main job\*\*.*?```bash\n(.*?)\n```", readme,
+                      re.S).group(1)
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as stream:
+        ci = [line.strip() for line in stream]
+    expected = _installs([part.strip() for part in setup.split("&&")])
+    assert len(expected) >= 2 and _installs(ci) == expected, (_installs(ci), expected)
