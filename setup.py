@@ -6,20 +6,17 @@ import setuptools
 
 HERE = pathlib.Path(__file__).parent
 
-# TensorFlow comes through an extra so that CPU-only machines get the small
-# `tensorflow-cpu` wheel: both wheels provide the `tensorflow` module and must
-# not be installed side by side.
+# The full `tensorflow` wheel runs on CPUs as well as GPUs, and it is what
+# tensorflow-serving-api (the protos of the exports' warm-up records and of
+# export.client's gRPC path) requires: with the smaller `tensorflow-cpu` wheel
+# that package could only be installed without its dependencies, and
+# `pip check` would fail. GPU machines add the `gpu` extra (TensorFlow's CUDA
+# libraries).
 EXTRAS = {
-    "cpu": ["tensorflow-cpu>=2.16"],
     "gpu": ["tensorflow[and-cuda]>=2.16"],
-    "tf": ["tensorflow>=2.16"],
     # pytest-xdist: README's test command runs one pytest worker per core.
     "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "pillow>=9", "psutil>=5",
              "ruff==0.17.6"],
-    # No "serving" extra: tensorflow-serving-api (the protos of the exports' warm-up
-    # records and of export.client's gRPC path) requires the full `tensorflow` wheel,
-    # which must not sit beside tensorflow-cpu. Install it with
-    # `pip install --no-deps tensorflow-serving-api`.
 }
 
 setuptools.setup(
@@ -33,6 +30,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["mamlpp_tf", "mamlpp_tf.*", "export",
                                                "export.*"]),
     install_requires=[
+        "tensorflow>=2.16",
+        # Same minor version as tensorflow (its own requirement).
+        "tensorflow-serving-api>=2.16",
         "keras>=3",
         "tensorflow-datasets>=4.9",
         # tensorflow-datasets 4.9.x imports it without declaring it.
