@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -18,17 +21,32 @@ import tensorflow_datasets as tfds
 from mamlpp_tf import data
 from mamlpp_tf.data import omniglot, omniglot_prepare
 
+from conftest import REAL_DATA, TEST_DATA_ENV
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared"
-SHARED_TFDS = SHARED / "data" / "tfds"
-SHARED_OMNIGLOT = SHARED / "data" / "omniglot"
+SHARED_TFDS = pathlib.Path(REAL_DATA) / "tfds"
+SHARED_OMNIGLOT = pathlib.Path(REAL_DATA) / "omniglot"
 SPLIT_JSON = SHARED_OMNIGLOT / "mamlpp_official_class_split.json"
 needs_shared_tfds = pytest.mark.skipif(
     not (SHARED_TFDS / "omniglot" / "3.0.0" / "dataset_info.json").exists(),
-    reason=f"needs the prepared TFDS Omniglot of ../shared ({SHARED_TFDS} is absent)")
+    reason=f"real data: needs a prepared TFDS Omniglot at {SHARED_TFDS}/omniglot/3.0.0 "
+           f"(set ${TEST_DATA_ENV} to the folder holding tfds/)")
 needs_split_json = pytest.mark.skipif(
     not SPLIT_JSON.exists(),
-    reason=f"needs the official split file of ../shared ({SPLIT_JSON} is absent)")
+    reason=f"real data: needs the official split file {SPLIT_JSON} "
+           f"(set ${TEST_DATA_ENV} to the folder holding omniglot/)")
+
+
+
+def test_real_data_tests_read_the_folder_the_environment_names(tmp_path):
+    """$MAMLPP_TF_TEST_DATA moves the real data away from ../shared/data."""
+    tests_dir = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", "import conftest; print(conftest.REAL_DATA)"], cwd=tests_dir,
+        env={**os.environ, TEST_DATA_ENV: str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == str(tmp_path)
+
 
 # --- Class names and the paper split -------------------------------------------------
 
