@@ -119,15 +119,19 @@ def _markdown(runs_: Sequence[Run], figure_names: Sequence[str]) -> str:
         results_table(runs_), ""
     ]
     lines += tasknorm_tables(runs_)
+    lines += ["Inner steps are numbered from 0 throughout, as in TensorBoard's "
+              "`step_i` tags.", ""]
     sections = [
         ("lslr_", "Inner learning rates",
          "The update rule's rates of each adapted weight tensor (rows, network order) per "
          "inner step (columns): LSLR's (or the fixed rate), or the mean of Meta-SGD's "
-         "per-element rates; blue is negative."),
+         "per-element rates. Sequential colours over the rates' range; if some rates are "
+         "negative, diverging colours with 0 white and negative rates blue."),
         ("bn_", "Per-step batch norm",
          "L2 norm over channels of gamma and beta per step."),
         ("msl_weights", "Multi-step loss weights",
-         "Weight of each inner step's query loss."),
+         "Weight of each inner step's query loss over the epochs, stacked: each band's "
+         "height is its step's weight, and the bands sum to 1."),
         ("curves", "Training and validation",
          "Loss and accuracy over meta-iterations."),
         ("meta_lr", "Meta learning rate",

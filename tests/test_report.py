@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 
+from matplotlib import colors
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
 from mamlpp_tf import report_data, report_figures, reporting, schedules, tensorboard_scalars
+from mamlpp_tf.config import LearnerConfig, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two epochs of a 2-stage, 3-step network on synthetic glyphs: about 15 s.
@@ -90,6 +92,52 @@ def assert_valid_png(path):
     assert len(colours) > 20, (path, len(colours))  # Not blank.
 
 
+def band_extents(bands, epochs):
+    """Bottom and top of each stacked band in the middle of each epoch: `[bands, epochs]` each.
+
+    Read off each band's polygon where the vertical line at `epoch + 0.5` crosses it.
+    """
+    bottoms, tops = [], []
+    for band in bands:
+        vertices = band.get_paths()[0].vertices
+        crossings = [[
+            y0 + (y1 - y0) * (epoch + 0.5 - x0) / (x1 - x0)
+            for (x0, y0), (x1, y1) in zip(vertices[:-1], vertices[1:])
+            if min(x0, x1) < epoch + 0.5 < max(x0, x1)
+        ] for epoch in epochs]
+        bottoms.append([min(ys) for ys in crossings])
+        tops.append([max(ys) for ys in crossings])
+    return np.array(bottoms), np.array(tops)
+
+
+def band_heights(bands, epochs):
+    bottoms, tops = band_extents(bands, epochs)
+    return tops - bottoms
+
+
+def synthetic_run(steps=5, msl_epochs=3, epochs=5, inner_rates=None, train_scalars=None,
+                  history=(), results=None, iteration=50):
+    """A `Run` built in memory (no training): 2 tensors × `steps` rates, 1 BN layer."""
+    learner = LearnerConfig(inner_steps=steps,
+                            eval_inner_steps=steps,
+                            msl_epochs=msl_epochs,
+                            epochs=epochs,
+                            iterations_per_epoch=10)
+    rates = np.linspace(0.09, 0.15, 2 * steps).reshape(2, steps)
+    return report_data.Run(
+        model_dir="runs/synthetic",
+        label="synthetic",
+        config=RunConfig(learner=learner, dataset="synthetic"),
+        history=list(history),
+        results=results,
+        iteration=iteration,
+        checkpoint=report_data.Checkpoint("runs/synthetic/ckpt-50", "iteration 50"),
+        inner_rates=inner_rates or {"conv0/kernel": rates[0], "dense/kernel": rates[1]},
+        bn=[("norm0", np.ones((steps, 4)), np.zeros((steps, 4)) + np.arange(steps)[:, None])],
+        tasknorm_alpha=[],
+        train_scalars=train_scalars or {})
+
+
 def test_report_writes_every_figure_and_the_results_table(finished_run, tmp_path):
     out = str(tmp_path / "report")
     path = reporting.write_report([finished_run], out)
@@ -160,13 +208,15 @@ def test_lslr_heatmap_shows_the_best_epoch_checkpoint(finished_run):
     np.testing.assert_array_equal(np.asarray(axes.images[0].get_array()), expected)
     assert [label.get_text() for label in axes.get_yticklabels()] == PARAM_NAMES
     assert [label.get_text() for label in axes.get_xticklabels()
-           ] == ["step 1", "step 2", "step 3"]
+           ] == ["step 0", "step 1", "step 2"]
     annotated = np.array([float(text.get_text()) for text in axes.texts]).reshape(6, 3)
     np.testing.assert_allclose(annotated, expected, rtol=5e-3, atol=1e-4)
     assert f"epoch {best}, best validation" in axes.get_title()
-    # Centred on 0: the colour scale is symmetric.
-    norm = axes.images[0].norm
-    assert norm.vmin == -norm.vmax == -np.abs(expected).max()
+    # The colour scale spans the rates, diverging only if they change sign.
+    image = axes.images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (expected.min(), expected.max())
+    sign_changes = expected.min() < 0 < expected.max()
+    assert image.get_cmap().name == ("RdBu_r" if sign_changes else "viridis")
 
 
 def test_bn_heatmap_shows_per_step_gamma_and_beta_norms(finished_run):
@@ -193,7 +243,7 @@ def test_bn_heatmap_shows_per_step_gamma_and_beta_norms(finished_run):
             assert [text.get_text() for text in axes.get_yticklabels()
                    ] == [layer for layer, _ in found]
         assert [text.get_text() for text in axes.get_xticklabels()
-               ] == ["step 1", "step 2", "step 3"]
+               ] == ["step 0", "step 1", "step 2"]
         annotated = np.array([float(text.get_text()) for text in axes.texts]).reshape(2, 3)
         np.testing.assert_allclose(annotated, expected, rtol=5e-3)
     assert f"epoch {best}, best validation" in figure.get_suptitle()
@@ -206,10 +256,94 @@ def test_schedules_are_what_training_logged(finished_run):
     np.testing.assert_allclose(
         logged, [schedules.cosine_meta_lr(t // 8, 0.01, 0.001, 2) for t in iterations],
         rtol=1e-6)
+    # MSL weights as training logged them, per step as TensorBoard numbers them,
+    # are the heights of the figure's bands of the same names.
+    tags = [f"msl_weight/step_{step}" for step in range(3)]
+    logged = tensorboard_scalars.read_scalars(
+        os.path.join(finished_run, "tensorboard", "train"), tags)
+    assert list(logged) == tags
+    bands = report_figures.msl_figure([run]).axes[0].collections
+    assert [band.get_label() for band in bands] == ["step 0", "step 1", "step 2"]
+    for step, tag in enumerate(tags):
+        iterations, weights = logged[tag]
+        assert list(iterations) == [8, 16]  # End of epochs 0 and 1.
+        np.testing.assert_allclose(band_heights(bands, [0, 1])[step], weights, rtol=1e-6)
+    np.testing.assert_allclose(logged["msl_weight/step_2"][1], [1 / 3, 1.0], rtol=1e-6)
+
+
+def test_msl_weights_stack_so_that_every_step_shows():
+    # 5 steps: the 4 non-final ones always share one weight, so as lines they coincide.
+    run = synthetic_run(steps=5, msl_epochs=3, epochs=5, iteration=25)
     axes = report_figures.msl_figure([run]).axes[0]
-    lines = [line for line in axes.get_lines() if line.get_label().startswith("step")]
-    assert len(lines) == 3
-    np.testing.assert_allclose(lines[-1].get_ydata(), [1 / 3, 1.0, 1.0], rtol=1e-6)
+    bands = axes.collections
+    assert [band.get_label() for band in bands] == [f"step {step}" for step in range(5)]
+    assert len({band.get_facecolor()[0].tobytes() for band in bands}) == 5
+    bottoms, tops = band_extents(bands, range(5))
+    expected = np.array([schedules.msl_weights(epoch, 5, 3) for epoch in range(5)]).T
+    np.testing.assert_allclose(tops - bottoms, expected, atol=1e-6)  # Unshifted values.
+    # Stacked edge to edge from 0 to 1: no band hides another.
+    np.testing.assert_allclose(bottoms[0], 0, atol=1e-6)
+    np.testing.assert_allclose(bottoms[1:], tops[:-1], atol=1e-6)
+    np.testing.assert_allclose(tops[-1], 1, atol=1e-6)
+    assert (tops - bottoms)[:4, :3].min() > 0.06  # Each step visible while MSL is on.
+    # The legend lists the bands top down, then how far the unfinished run got.
+    assert [text.get_text() for text in axes.get_legend().get_texts()
+           ] == [f"step {step}" for step in range(4, -1, -1)] + ["trained so far"]
+    assert axes.lines[0].get_xdata()[0] == 2.5
+
+
+def test_curves_mark_the_points_of_a_short_run():
+    one = {"loss": (np.array([5]), np.array([1.2])),
+           "accuracy": (np.array([5]), np.array([0.4]))}
+    for axes in report_figures.curves_figure([synthetic_run(train_scalars=one)]).axes:
+        (line,) = axes.lines
+        assert line.get_marker() == "o" and list(line.get_xdata()) == [5]
+    steps = np.arange(1, 51)
+    many = {"loss": (steps, np.linspace(1.6, 0.4, 50))}
+    line = report_figures.curves_figure([synthetic_run(train_scalars=many)]).axes[0].lines[0]
+    assert line.get_marker() == "None"  # A long curve stays a plain line.
+    for axes in report_figures.curves_figure([synthetic_run()]).axes:
+        assert axes.get_legend() is None  # Nothing to list, and no warning about it.
+        assert [text.get_text() for text in axes.texts] == ["nothing logged yet"]
+
+
+def test_lslr_colours_span_the_rates_and_diverge_only_across_zero():
+    positive = synthetic_run(steps=3)  # Rates 0.09 … 0.15.
+    image = report_figures.lslr_figure(positive).axes[0].images[0]
+    assert image.get_cmap().name == "viridis"
+    assert type(image.norm) is colors.Normalize
+    assert (image.norm.vmin, image.norm.vmax) == pytest.approx((0.09, 0.15))
+    rgba = image.to_rgba(np.asarray(image.get_array()))
+    assert np.abs(rgba[0, 0] - rgba[-1, -1]).max() > 0.5  # Ends of the map, not one colour.
+    mixed = synthetic_run(steps=3, inner_rates={"conv0/kernel": np.array([-0.004, 0.1, 0.12]),
+                                                "dense/kernel": np.array([0.08, 0.15, 0.11])})
+    image = report_figures.lslr_figure(mixed).axes[0].images[0]
+    assert image.get_cmap().name == "RdBu_r"
+    assert isinstance(image.norm, colors.TwoSlopeNorm)
+    assert (image.norm.vmin, image.norm.vcenter, image.norm.vmax) == (-0.004, 0, 0.15)
+    red, _, blue, _ = image.to_rgba(np.asarray(image.get_array()))[0, 0]
+    assert blue - red > 0.3  # A negative rate is clearly blue however small.
+
+
+def test_heatmaps_are_annotated_only_while_readable():
+    axes = report_figures.lslr_figure(synthetic_run(steps=5)).axes[0]
+    assert len(axes.texts) == 10
+    wide = {f"conv{index}/kernel": np.full(20, 0.1 + index / 100) for index in range(12)}
+    axes = report_figures.lslr_figure(synthetic_run(steps=20, inner_rates=wide)).axes[0]
+    assert len(axes.texts) == 0 and np.asarray(axes.images[0].get_array()).shape == (12, 20)
+
+
+def test_figures_number_inner_steps_from_zero_as_tensorboard_does():
+    run = synthetic_run(steps=4)
+    expected = ["step 0", "step 1", "step 2", "step 3"]
+    lslr_axes = report_figures.lslr_figure(run).axes[0]
+    assert [label.get_text() for label in lslr_axes.get_xticklabels()] == expected
+    for axes in report_figures.bn_figure(run).axes[0::2]:
+        assert [label.get_text() for label in axes.get_xticklabels()] == expected
+    bands = report_figures.msl_figure([run]).axes[0].collections
+    assert [band.get_label() for band in bands] == expected
+    markdown = reporting._markdown([run], [])  # pylint: disable=protected-access
+    assert "numbered from 0" in markdown
 
 
 def test_scalars_of_a_resumed_run_and_a_truncated_event_file(tmp_path):
