@@ -4,7 +4,8 @@ Data: `tfds.load('omniglot')` (version 3.0.0; TFDS splits `train` = the 30
 background alphabets, 964 characters, and `test` = the 20 evaluation alphabets,
 659 characters; 20 drawings per character). By default TFDS downloads into its
 usual data dir; `data_dir` may point at a prepared TFDS data dir (one holding
-`omniglot/3.0.0/`), which then loads offline with `download=False`. Offline
+`omniglot/3.0.0/`; `python -m mamlpp_tf.data.prepare_omniglot` makes one from
+the two zips), which then loads offline with `download=False`. Offline
 with `download=True`, loading fails within seconds (a connection to the
 download host is tried first) rather than after TFDS's minutes of retries.
 

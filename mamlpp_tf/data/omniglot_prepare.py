@@ -94,6 +94,8 @@ class _Missing:
               details: str | None = None) -> DatasetNotFoundError:
         """The error for `cause`; `command_line_cause` words it in flags if it differs."""
         zips = f"the original {', '.join(ORIGINAL_ZIPS)} (from {_ZIPS_URL})"
+        two_zips = (f"from {ORIGINAL_ZIPS[0]} and {ORIGINAL_ZIPS[1]} in a folder ZIPS "
+                    "(re-zipped copies too)")
         prepared = f"the directory that contains {TFDS_NAME}/{self.version}/"
         default = " (TFDS's default)" if self.default_dir else ""
         api = (
@@ -102,6 +104,8 @@ class _Missing:
             "To provide it, either\n"
             "  * with network access and download=True, let tensorflow-datasets "
             "download and prepare it there; or\n"
+            f"  * without network, {two_zips}: call "
+            "mamlpp_tf.data.prepare_omniglot.prepare(ZIPS, DIR) and pass data_dir=DIR; or\n"
             f"  * without network: put {zips} in {self.manual_dir}/ and pass "
             "download=True; or\n"
             f"  * pass data_dir=<a prepared TFDS data dir>, {prepared}.")
@@ -111,6 +115,8 @@ class _Missing:
             "To provide it, either\n"
             "  * offline, with a prepared TFDS data dir DIR (" + prepared + "): add "
             "--data_dir=DIR --nodownload (mamlpp_tf.evaluate: --data_dir=DIR); or\n"
+            f"  * offline, {two_zips}: prepare DIR with python -m "
+            "mamlpp_tf.data.prepare_omniglot --zips=ZIPS --data_dir=DIR, then as above; or\n"
             f"  * offline: put {zips} in {self.manual_dir}/ and run without "
             "--nodownload (tensorflow-datasets prepares them there); or\n"
             "  * with network access: run without --nodownload to let "
