@@ -8,7 +8,7 @@ HERE = pathlib.Path(__file__).parent
 
 # The full `tensorflow` wheel runs on CPUs as well as GPUs, and it is what
 # tensorflow-serving-api (the protos of the exports' warm-up records and of
-# export.client's gRPC path) requires: with the smaller `tensorflow-cpu` wheel
+# mamlpp_tf_export.client's gRPC path) requires: with the smaller `tensorflow-cpu` wheel
 # that package could only be installed without its dependencies, and
 # `pip check` would fail. GPU machines add the `gpu` extra (TensorFlow's CUDA
 # libraries).
@@ -27,8 +27,11 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["mamlpp_tf", "mamlpp_tf.*", "export",
-                                               "export.*"]),
+    # The export/ folder installs as `mamlpp_tf_export`: no generic top-level `export`
+    # package on a user's path.
+    packages=[*setuptools.find_packages(include=["mamlpp_tf", "mamlpp_tf.*"]),
+              "mamlpp_tf_export"],
+    package_dir={"mamlpp_tf_export": "export"},
     install_requires=[
         "tensorflow>=2.16",
         # Same minor version as tensorflow (its own requirement).
@@ -45,7 +48,7 @@ setuptools.setup(
         # python -m mamlpp_tf.report draws its figures with it.
         "matplotlib>=3.7",
     ],
-    package_data={"export": ["serving/*"]},
+    package_data={"mamlpp_tf_export": ["serving/*"]},
     extras_require=EXTRAS,
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -6,7 +6,7 @@ started by this script (`--measure`): the TF1 loader into a
 `tf.compat.v1.Session`, and each request answered by `Session.run` on the
 signature's tensors, which is what the server does below its REST and gRPC
 front ends (their JSON/proto handling and the network are not measured, nor
-is request batching). That process imports neither `mamlpp_tf` nor `export`.
+is request batching). That process imports neither `mamlpp_tf` nor `mamlpp_tf_export`.
 Per model and request size:
 
 * `first_request_cold_ms`: the first request of a process that loaded the
@@ -21,7 +21,7 @@ Per model and request size:
 The models come from a freshly initialised learner at Omniglot's shapes
 (28×28×1, 64 filters, 4 stages, 5 inner steps; untrained: latency does not
 depend on the weights) written as a run directory in a temporary folder and
-exported with `export.saved_models`: the task model of a 5-way 1-shot support
+exported with `mamlpp_tf_export.saved_models`: the task model of a 5-way 1-shot support
 set, and the 5-way and 20-way 1-shot meta-models. Requests (by default): 1
 and 16 images for the task model; 1 and 8 tasks of N-way 1-shot with N
 queries (one per class) for the meta-models.
@@ -94,10 +94,10 @@ def build_models(work_dir: str, cases: list[str]) -> dict[str, str]:
     # pylint: disable=g-import-not-at-top
     import numpy as np
 
-    from export import saved_models, warmup
-    from export.preprocessing import Preprocessing
     from mamlpp_tf.config import LearnerConfig, RunConfig
     from mamlpp_tf.training.run import Run
+    from mamlpp_tf_export import saved_models, warmup
+    from mamlpp_tf_export.preprocessing import Preprocessing
     # pylint: enable=g-import-not-at-top
 
     paths = {}
@@ -251,7 +251,7 @@ def measure(spec: dict) -> dict:
         threads: _steady(send, threads, spec["seconds"], spec["min_requests"],
                          spec["untimed"]) for threads in spec["threads"]
     }
-    imported = sorted({"mamlpp_tf", "export"} & set(sys.modules))
+    imported = sorted({"mamlpp_tf", "mamlpp_tf_export"} & set(sys.modules))
     if imported:
         raise RuntimeError(f"the measuring process imported {imported}: TF Serving "
                            "runs the SavedModel alone")
@@ -344,6 +344,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     # Runnable as `python benchmarks/serving_latency.py` from anywhere, installed or
-    # not.
-    sys.path.insert(0, ROOT)
+    # not: the checkout's mamlpp_tf, and its export/ folder as mamlpp_tf_export.
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "export", "from_checkout")]
     app.run(main)

@@ -1,20 +1,20 @@
 """A small client for the exported models served by TF Serving (REST or gRPC).
 
     # task model: classify image files
-    python -m export.client --model_name=omniglot_5way_task --images=a.png,b.png
+    python -m mamlpp_tf_export.client --model_name=omniglot_5way_task --images=a.png,b.png
     # meta-model: adapt to a support folder (one sub-folder per class), classify queries
-    python -m export.client --model_name=omniglot_5way_meta --support=SUPPORT \
+    python -m mamlpp_tf_export.client --model_name=omniglot_5way_meta --support=SUPPORT \
         --query=q1.png,q2.png
     # gRPC instead of REST
-    python -m export.client --protocol=grpc --server=localhost:8500 --model_name=... ...
+    python -m mamlpp_tf_export.client --protocol=grpc --server=localhost:8500 --model_name=... ...
     # print the REST request body instead of sending it
-    python -m export.client --model_name=... --images=a.png --print_request
+    python -m mamlpp_tf_export.client --model_name=... --images=a.png --print_request
 
 Image files are sent as they are to the `predict_encoded` signature, which
 decodes and preprocesses them in the graph, so the client needs no
 preprocessing and, over REST, nothing beyond the standard library and numpy
 (no TensorFlow: argparse, not absl). A meta-model request carries one task
-(a task axis of 1, see `export.serving_requests`). Prints one
+(a task axis of 1, see `mamlpp_tf_export.serving_requests`). Prints one
 `file<TAB>class<TAB>probability` line per image; bad flags or files and
 server errors are reported in one `error:` line with exit status 2.
 """
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import json
 import sys
 
-from export import serving_requests
+from mamlpp_tf_export import serving_requests
 
 
 def _file_list(value: str) -> list[str]:
@@ -35,7 +35,7 @@ def _file_list(value: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m export.client",
+        prog="python -m mamlpp_tf_export.client",
         description="Predict requests to the exported models served by TF Serving.")
     parser.add_argument("--server",
                         default="localhost:8501",

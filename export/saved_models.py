@@ -23,12 +23,12 @@ TF1-style loader of TF Serving and `saved_model_cli` finds their variables (a
   Serving's request batching can merge concurrent requests; every task is
   adapted on its own.
 
-Every version holds TF Serving's warm-up file (`export.warmup`): requests of
+Every version holds TF Serving's warm-up file (`mamlpp_tf_export.warmup`): requests of
 the model's real shapes for each signature, which the server replays when it
 loads the version, so that no client request pays a signature's first run.
-Writing it needs the protos of tensorflow-serving-api (`pip install --no-deps
-tensorflow-serving-api`, as CI does); without them an export fails with an
-ImportError naming that command and writes nothing.
+Writing it needs the protos of tensorflow-serving-api (a dependency of the
+package); without them an export fails with an ImportError naming the install
+command and writes nothing.
 
 Versions: `<export_dir>/<n>/` with `n` one above the largest existing
 version. The SavedModel is written to a hidden temporary folder inside
@@ -50,9 +50,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.preprocessing import Preprocessing
-from export.support import load_support
-from export.warmup import (
+from mamlpp_tf import files, task_model
+from mamlpp_tf.config import RunConfig
+from mamlpp_tf.learner import MamlPlusPlus
+from mamlpp_tf.nets import Backbone
+from mamlpp_tf.training.run import Run
+from mamlpp_tf_export.preprocessing import Preprocessing
+from mamlpp_tf_export.support import load_support
+from mamlpp_tf_export.warmup import (
     TASK_WARMUP_BATCH_SIZES,
     WARMUP_PATH,
     WarmupRequest,
@@ -60,14 +65,22 @@ from export.warmup import (
     task_warmup,
     write_warmup,
 )
-from mamlpp_tf import files, task_model
-from mamlpp_tf.config import RunConfig
-from mamlpp_tf.learner import MamlPlusPlus
-from mamlpp_tf.nets import Backbone
-from mamlpp_tf.training.run import Run
 
 # Written beside the SavedModel; TF Serving ignores assets.extra/ except warm-up files.
 INFO_PATH = os.path.join("assets.extra", "export_info.json")
+
+
+def read_info(version_dir: str) -> dict:
+    """The export information (`INFO_PATH`) of a version folder.
+
+    Raises:
+      ValueError: `version_dir` holds none: it is no version folder of an export.
+    """
+    try:
+        return files.read_json(os.path.join(version_dir, INFO_PATH))
+    except (tf.errors.NotFoundError, ValueError):
+        raise ValueError(f"{version_dir} is no version folder of an export (no readable "
+                         f"{INFO_PATH})") from None
 
 
 def restore_learner(model_dir: str,
@@ -340,7 +353,7 @@ def export_task_model(model_dir: str,
 
     Args:
       model_dir: Run directory.
-      support: Support folder or `.npz` (see `export.support`).
+      support: Support folder or `.npz` (see `mamlpp_tf_export.support`).
       export_dir: `BASE/NAME`; the model becomes `BASE/NAME/<version>/`.
       epoch: Checkpoint to adapt from; default the best validation epoch kept.
       bn_stats: One of `task_model.BN_STATS`; default

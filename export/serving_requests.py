@@ -15,11 +15,10 @@ decodes and preprocesses them as training did):
 REST bodies use the columnar `"inputs"` format with bytes as `{"b64": ...}`
 at any depth; the answer is `{"outputs": {name: value}}`. REST needs only the
 standard library and numpy: this module imports nothing else at import time,
-so `python -m export.client` runs where TensorFlow is not installed. gRPC
+so `python -m mamlpp_tf_export.client` runs where TensorFlow is not installed. gRPC
 needs `grpcio` and the protos of `tensorflow-serving-api` (which import
-TensorFlow), installed with `pip install --no-deps tensorflow-serving-api`
-(it requires the full `tensorflow` wheel, which must not sit beside
-tensorflow-cpu); the gRPC functions import them when called.
+TensorFlow; mamlpp_tf's set-up installs them, a client-only environment with
+`pip install tensorflow-serving-api`); the gRPC functions import them when called.
 """
 
 from __future__ import annotations
@@ -40,12 +39,12 @@ import numpy as np
 Inputs = Mapping[str, np.ndarray]
 ENCODED_SIGNATURE = "predict_encoded"
 PROTOCOLS = ("rest", "grpc")
-# The support-folder layout, shared with `export.support`.
+# The support-folder layout, shared with `mamlpp_tf_export.support`.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # The standard library's logger (absl's handler shows it in the entry points);
 # absl itself would be one more import for the light client.
 _LOG = logging.getLogger(__name__)
-INSTALL_SERVING_API = "pip install --no-deps tensorflow-serving-api"
+INSTALL_SERVING_API = "pip install tensorflow-serving-api"
 
 
 class ServingError(RuntimeError):
@@ -55,7 +54,7 @@ class ServingError(RuntimeError):
 def class_folders(path: str) -> list[tuple[str, list[str]]]:
     """Lists `(class name, image paths)` of a support folder, classes sorted.
 
-    The layout of `export.support`: one sub-folder per class, PNG/JPEG files
+    The layout of `mamlpp_tf_export.support`: one sub-folder per class, PNG/JPEG files
     in it. Hidden entries, other files and deeper folders are skipped, with
     one warning naming every one of them (e.g. `README.txt`, `.DS_Store`).
 

@@ -23,10 +23,10 @@ import re
 
 import numpy as np
 
-from export.preprocessing import Preprocessing
+from mamlpp_tf_export.preprocessing import Preprocessing
 
 # Folder reading lives with the light client, which must not import TensorFlow.
-from export.serving_requests import class_folders
+from mamlpp_tf_export.serving_requests import class_folders
 
 # TensorFlow wraps an eager op's error as "{{function_node __wrapped__Op_device_…}}
 # <reason> [Op:Op] name: "; only <reason> helps whoever supplied the file.
@@ -66,14 +66,14 @@ def load_support(path: str, preprocessing: Preprocessing, n_way: int) -> Support
     _check_class_count([name for name, _ in classes], n_way, path)
     images, labels = [], []
     for label, (_, files) in enumerate(classes):
-        images += [_load_image(preprocessing, file) for file in files]
+        images += [load_image(preprocessing, file) for file in files]
         labels += [label] * len(files)
     return SupportSet(
         np.stack(images).astype(np.float32), np.asarray(labels, np.int32),
         tuple(name for name, _ in classes))
 
 
-def _load_image(preprocessing: Preprocessing, path: str) -> np.ndarray:
+def load_image(preprocessing: Preprocessing, path: str) -> np.ndarray:
     """`preprocessing.load_file(path)`, its error stripped of TensorFlow's op wrapping.
 
     Raises:

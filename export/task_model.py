@@ -1,13 +1,13 @@
 """Exports a task model: the run's network adapted to one support set, for TF Serving.
 
-    python -m export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
+    python -m mamlpp_tf_export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
         --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|rn|tasknorm]
 
 Writes `BASE/NAME/<version>/` (the next free version) with signatures
 `serving_default(images float32 [None, H, W, C])` and
 `predict_encoded(image_bytes string [None])`, both answering
 `{probabilities, class_ids, class_names}`; prints the version folder. See
-`export.saved_models` for what is baked in and `export.support` for the
+`mamlpp_tf_export.saved_models` for what is baked in and `mamlpp_tf_export.support` for the
 support-set layouts.
 """
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from export import saved_models
+# First, before TensorFlow loads: importing mamlpp_tf quiets its start-up lines.
 from mamlpp_tf import cli, task_model
+from mamlpp_tf_export import saved_models
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string(
@@ -49,4 +50,4 @@ def _export() -> str:
 if __name__ == "__main__":
     # ImportError: tensorflow-serving-api (the warm-up records) missing; it names the install.
     cli.run(_export, user_errors=(ValueError, FileNotFoundError, ImportError),
-            job="the export of a task model")
+            job="the export of a task model", output_dirs=("export_dir",))

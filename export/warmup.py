@@ -3,9 +3,9 @@
 TF Serving replays a version's warm-up file (`WARMUP_PATH`) when it loads the
 version, before it serves, so that no client request pays a signature's first
 run. The requests have the model's real shapes and random pixels. Writing the
-file needs the protos of tensorflow-serving-api (`pip install --no-deps
-tensorflow-serving-api`); without them `write_warmup` raises an ImportError
-naming that command.
+file needs the protos of tensorflow-serving-api (a dependency of the
+package); without them `write_warmup` raises an ImportError naming the
+install command.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from export import serving_requests
-from export.preprocessing import Preprocessing
+from mamlpp_tf_export import serving_requests
+from mamlpp_tf_export.preprocessing import Preprocessing
 
 # TF Serving's warm-up file, replayed when it loads a version; it refuses more records.
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -67,7 +67,7 @@ def meta_warmup(preprocessing: Preprocessing, n_way: int, k_shot: int,
     """Warm-up requests of the meta-model: one N-way K-shot task per signature.
 
     `N·n_query` queries, the run's episode shape, in one task (as
-    `export.client` sends). More tasks need no record of their own: a task's
+    `mamlpp_tf_export.client` sends). More tasks need no record of their own: a task's
     computation has the same shapes whatever the request's task count.
     """
     support, queries = n_way * k_shot, n_way * n_query

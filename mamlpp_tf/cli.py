@@ -52,9 +52,34 @@ def exit_on_user_error(error: BaseException) -> NoReturn:
 STORAGE_FAILURE = 74
 
 
+def check_output_dir_flag(name: str) -> None:
+    """Stops the job in one line if flag `name` names a directory it cannot write into.
+
+    See `files.check_output_dir`. A path that is a file, or lies under one, is a
+    user error (status 2); a directory that refuses writes (read-only
+    filesystem, no permission) is a storage failure (`STORAGE_FAILURE`), as
+    when a write fails later. The line names the flag, its value and the path
+    at fault. An unset flag (None) passes.
+    """
+    path = flags.FLAGS[name].value
+    if path is None:
+        return
+    try:
+        files.check_output_dir(path)
+    except NotADirectoryError as error:
+        at = "" if error.filename in (path, os.path.abspath(path)) else f": {error.filename}"
+        print(f"error: --{name}={path}{at} {error.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except files.WriteError as error:
+        print(f"error: --{name}={path}: {error}; nothing was written: fix the storage or "
+              f"choose another --{name}", file=sys.stderr)
+        sys.exit(STORAGE_FAILURE)
+
+
 def run(body: Callable[[], str | None],
         user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError),
-        job: str = "the job") -> None:
+        job: str = "the job",
+        output_dirs: tuple[str, ...] = ()) -> None:
     """Runs an entry point: flags parsed with one-line errors, quiet TF logs, user errors.
 
     Args:
@@ -62,6 +87,8 @@ def run(body: Callable[[], str | None],
       user_errors: Exceptions that mean bad flags, files or data: reported in one
         line with exit status 2 instead of a traceback.
       job: What `body` does, e.g. "the export", for the message of a signal.
+      output_dirs: Names of the flags whose directory `body` writes into (created
+        if missing), checked before `body` runs (`check_output_dir_flag`).
 
     SIGTERM or SIGINT stops `body` at once (`stop_signals.StopSignals`; the
     training loop installs its own, finer phases inside) and is reported in one
@@ -69,15 +96,18 @@ def run(body: Callable[[], str | None],
     cleans up its temporary files, so the same command can simply run again.
 
     A write the storage refuses (`files.WriteError`: a full disk, a read-only
-    directory) is reported in one line naming the path, with status
-    `STORAGE_FAILURE`; the writers leave what was there intact, so the same
-    command goes on once the storage is fixed.
+    directory; or an OSError naming the path, `files.refused_write`) is
+    reported in one line naming the path, with status `STORAGE_FAILURE`; the
+    writers leave what was there intact, so the same command goes on once the
+    storage is fixed.
     """
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         quiet_tensorflow_logs()
+        for name in output_dirs:
+            check_output_dir_flag(name)
         try:
             with stop_signals.StopSignals(
                     resume=lambda: "what was written before is intact") as signals:
@@ -87,12 +117,24 @@ def run(body: Callable[[], str | None],
             print(f"error: {stop}", file=sys.stderr)
             sys.exit(128 + stop.signum)
         except files.WriteError as error:
-            print(f"error: {error}; what was written before is intact: fix the storage and "
-                  "run the same command again", file=sys.stderr)
-            sys.exit(STORAGE_FAILURE)
+            _exit_on_refused_write(error)
         except user_errors as error:
             exit_on_user_error(error)
+        except OSError as error:
+            # A write outside `files.writing` (e.g. the run's lock file) that the
+            # check of `output_dirs` could not foresee (the storage changed since).
+            refused = files.refused_write(error)
+            if refused is None:
+                raise
+            _exit_on_refused_write(refused)
         if text is not None:
             print(text)
 
     app.run(main, flags_parser=parse_flags_or_exit)
+
+
+def _exit_on_refused_write(error: files.WriteError) -> NoReturn:
+    """Reports a write the storage refused in one line, exit `STORAGE_FAILURE`."""
+    print(f"error: {error}; what was written before is intact: fix the storage and run the "
+          "same command again", file=sys.stderr)
+    sys.exit(STORAGE_FAILURE)

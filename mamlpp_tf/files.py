@@ -38,10 +38,11 @@ _TEMPORARY_PREFIX = ".tmp_"
 _STORAGE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
                    tf.errors.FailedPreconditionError, tf.errors.UnknownError,
                    tf.errors.NotFoundError)
-# The causes worth naming, as the C library spells them (TensorFlow's messages quote them).
-_CAUSES = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                               errno.EACCES, errno.EPERM, errno.EFBIG,
-                                               errno.EIO))
+# The errors of a write the storage refused, worth naming.
+_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+             errno.EIO)
+# Their causes as the C library spells them (TensorFlow's messages quote them).
+_CAUSES = tuple(os.strerror(code) for code in _REFUSALS)
 
 
 class WriteError(OSError):
@@ -81,6 +82,51 @@ def writing(path: str) -> Iterator[None]:
         raise WriteError(path, error.cause) from error
     except _STORAGE_ERRORS as error:
         raise WriteError(path, _cause(error)) from error
+
+
+def refused_write(error: OSError) -> WriteError | None:
+    """The `WriteError` of an OSError that names a path the storage refused, else None.
+
+    For writes outside `writing` (e.g. a lock file opened with `open`): a full
+    disk, a read-only filesystem or a missing permission, as the kernel reports
+    it with the path. Other errors (a missing file, a bad argument) give None.
+    """
+    if isinstance(error, WriteError) or not error.filename or error.errno not in _REFUSALS:
+        return None
+    return WriteError(os.fsdecode(error.filename), error.strerror or _cause(error))
+
+
+def check_output_dir(path: str) -> None:
+    """Checks, before a job starts, that it can write into the directory `path`.
+
+    `path` may not exist yet (the job creates it with any missing parents):
+    then the nearest existing directory above it must take new entries. On
+    local disk the filesystem answers (`access(2)`: a read-only mount refuses
+    even root); other filesystems (GCS, `ram://`) tell their permissions only
+    when a write fails, so there only a file in the way is found.
+
+    Args:
+      path: The directory a job writes into.
+
+    Raises:
+      NotADirectoryError: `path`, or the nearest existing path above it, is not
+        a directory; `filename` is that path, `strerror` says what it is.
+      WriteError: that directory refuses new entries, naming it and the cause
+        ("Read-only file system", "Permission denied").
+    """
+    if not is_local(path):
+        if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", path)
+        return
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):  # Up to a directory, or to a file in the way.
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file, not a directory" if os.path.isfile(existing) else "is not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, what, existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise WriteError(existing, os.strerror(errno.EROFS if read_only else errno.EACCES))
 
 
 def _cause(error: BaseException) -> str:

@@ -30,4 +30,4 @@ def _report() -> str:
 
 
 if __name__ == "__main__":
-    cli.run(_report, job="the report")
+    cli.run(_report, job="the report", output_dirs=("out",))

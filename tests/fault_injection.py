@@ -8,7 +8,7 @@ meta-step's loss and gradients are not finite. Exits with the job's status.
 
 python tests/fault_injection.py sigterm MODULE:ATTRIBUTE ENTRY_MODULE FLAGS...
 Runs `python -m ENTRY_MODULE FLAGS...` in this process; the first call of
-`MODULE.ATTRIBUTE` (e.g. `export.saved_models:write_warmup`) sends this
+`MODULE.ATTRIBUTE` (e.g. `mamlpp_tf_export.saved_models:write_warmup`) sends this
 process SIGTERM and goes on, so the signal lands inside that call.
 
 The fault is injected here, from outside the package, so the production loop

@@ -8,15 +8,15 @@ status. Like README's test command it deselects `@pytest.mark.slow` tests unless
 expression is given (`bazel test //tests:all --test_arg=-mslow`). A module that collects no
 test at all fails; one whose tests are all deselected passes and says so.
 
-After the run it checks that first-party code (`mamlpp_tf`, `export`, the test helpers) was
-imported from the runfiles tree, not from a checkout or an editable install that happens to
-be on `sys.path`, so a missing `deps` entry fails instead of passing by accident.
+After the run it checks that first-party code (`mamlpp_tf`, `mamlpp_tf_export`, the test
+helpers) was imported from the runfiles tree, not from a checkout or an editable install that
+happens to be on `sys.path`, so a missing `deps` entry fails instead of passing by accident.
 """
 
 import os
 import sys
 
-FIRST_PARTY = ("mamlpp_tf", "export", "conftest")
+FIRST_PARTY = ("mamlpp_tf", "mamlpp_tf_export", "conftest")
 
 
 def _runfiles_root() -> str:

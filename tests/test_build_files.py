@@ -118,13 +118,14 @@ def test_this_target_holds_every_file_that_the_check_reads(workspace):
 
 
 def test_a_dep_removed_from_a_test_that_imports_it_is_reported(workspace):
-    label = "//tests:test_files"  # It imports export.saved_models.
+    label = "//tests:test_files"  # It imports mamlpp_tf_export.saved_models.
     problems = new_problems(workspace, without(workspace, label, deps=["//export:export"]))
     assert {p.target for p in problems} == {label}
     subjects = {p.subject for p in problems}
     assert {"export/__init__.py", "export/saved_models.py"} <= subjects
     assert subjects <= workspace.runfiles("//export:export")
-    assert any("tests/test_files.py imports export.saved_models" in str(p) for p in problems)
+    assert any("tests/test_files.py imports mamlpp_tf_export.saved_models" in str(p)
+               for p in problems)
 
 
 @pytest.mark.parametrize("label, entry, files", [

@@ -42,14 +42,15 @@ except ImportError:  # Optional: the exports' warm-up records and gRPC need it.
     predict_pb2 = prediction_log_pb2 = None
     prediction_service_pb2_grpc = model_server_config_pb2 = None
 
-from export import preprocessing, saved_models, serving_requests, warmup
-from export.support import class_folders, load_support
 from mamlpp_tf import task_model
 from mamlpp_tf.config import LearnerConfig, RunConfig
 from mamlpp_tf.data import mini_imagenet, omniglot, synthetic
 from mamlpp_tf.training.run import Run
 from mamlpp_tf.training.run_dir import RunDir
 from mamlpp_tf.training.trainer import Trainer
+from mamlpp_tf_export import preprocessing, saved_models, serving_requests, warmup
+from mamlpp_tf_export.inputs import image_files, model_inputs
+from mamlpp_tf_export.support import class_folders, load_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVING = os.path.join(ROOT, "export", "serving")
@@ -61,7 +62,7 @@ SHAPE = (28, 28, 1)
 EPOCH = 3
 needs_serving_api = pytest.mark.skipif(predict_pb2 is None,
                                        reason="tensorflow-serving-api is not installed "
-                                       "(pip install --no-deps tensorflow-serving-api)")
+                                       "(pip install tensorflow-serving-api)")
 
 
 def make_run(model_dir: str, bn_stats: str = "batch", seed: int = 0) -> str:
@@ -117,14 +118,26 @@ def glyph_images(per_class: int, seed: int) -> np.ndarray:
     return synthetic.glyphs(5, per_class, SHAPE, np.random.default_rng(seed))
 
 
-def start(command: list[str], cwd: str = ROOT) -> subprocess.Popen:
+# TensorFlow's start-up lines (C++ log lines, CPU and CUDA notices).
+TF_START_UP = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|absl::InitializeLog|oneDNN|"
+                         r"This TensorFlow binary|(?i:cuda)", re.MULTILINE)
+
+
+def user_env(**variables: str) -> dict[str, str]:
+    """A user's environment: no TF_CPP_MIN_LOG_LEVEL (the tests' conftest sets one)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return dict(env, **variables)
+
+
+def start(command: list[str], cwd: str = ROOT,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Starts a command (several run at once on the 2-core CI machine)."""
     return subprocess.Popen(command,
                             cwd=cwd,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE,
                             text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                            env=env or dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -142,7 +155,7 @@ def exported(tmp_path_factory):
     """A run, a support folder, query images, and both models exported by their CLIs."""
     if predict_pb2 is None:
         pytest.skip("exports write warm-up records: they need tensorflow-serving-api "
-                    "(pip install --no-deps tensorflow-serving-api)")
+                    "(pip install tensorflow-serving-api)")
     base = tmp_path_factory.mktemp("export")
     model_dir = make_run(str(base / "run"))
     images = glyph_images(4, seed=7)
@@ -155,14 +168,15 @@ def exported(tmp_path_factory):
             query_files.append(str(base / "query" / f"{name}_{i}.png"))
             write_png(query_files[-1], images[c, i])
     task_dir, meta_dir = str(base / "models" / "task"), str(base / "models" / "meta")
+    # As a user runs them: TensorFlow's start-up lines are the exports' to hide.
     task = start([
-        sys.executable, "-m", "export.task_model", f"--model_dir={model_dir}",
+        sys.executable, "-m", "mamlpp_tf_export.task_model", f"--model_dir={model_dir}",
         f"--support={support_dir}", f"--export_dir={task_dir}"
-    ])
+    ], env=user_env())
     meta = start([
-        sys.executable, "-m", "export.meta_model", f"--model_dir={model_dir}",
+        sys.executable, "-m", "mamlpp_tf_export.meta_model", f"--model_dir={model_dir}",
         f"--export_dir={meta_dir}"
-    ])
+    ], env=user_env())
     outcomes = {"task": finish(task), "meta": finish(meta)}
     for name, (code, _, stderr) in outcomes.items():
         assert code == 0, (name, stderr[-3000:])
@@ -174,6 +188,8 @@ def exported(tmp_path_factory):
                                  query_files=query_files,
                                  task_dir=outcomes["task"][1].strip(),
                                  meta_dir=outcomes["meta"][1].strip(),
+                                 stderr={name: outcome[2]
+                                         for name, outcome in outcomes.items()},
                                  learner=learner,
                                  epoch=epoch,
                                  preprocessing=prep,
@@ -232,6 +248,19 @@ def test_clis_write_version_one_with_export_info(exported):
         info = json.load(stream)
     assert info["class_names"] == SORTED_NAMES and info["bn_stats"] == "support"
     assert info["support_per_class"] == [2] * 5
+
+
+def test_exports_print_no_tensorflow_start_up_lines(exported):
+    for name, stderr in exported.stderr.items():
+        assert not TF_START_UP.search(stderr), (name, stderr[-3000:])
+
+
+def test_tf_cpp_min_log_level_0_shows_tensorflow_start_up_lines():
+    """A user's own TF_CPP_MIN_LOG_LEVEL wins: 0 asks for every line."""
+    _, stdout, stderr = finish(start(
+        [sys.executable, "-m", "mamlpp_tf_export.meta_model", "--help"],
+        env=user_env(TF_CPP_MIN_LOG_LEVEL="0")))
+    assert "--export_dir" in stdout and TF_START_UP.search(stderr), stderr[-3000:]
 
 
 def test_task_model_equals_library_adaptation_and_names_classes(exported):
@@ -483,7 +512,7 @@ FRESH_PROCESS = r"""
 import sys
 # Unimportable even where the package is installed: the models must not need it.
 sys.modules["mamlpp_tf"] = None
-sys.modules["export"] = None
+sys.modules["mamlpp_tf_export"] = None
 import numpy as np
 import tensorflow as tf
 
@@ -578,6 +607,72 @@ def test_saved_model_cli_runs_both_models(exported, requests_on_disk):
     np.testing.assert_allclose(np.load(io / "meta" / "logits.npy")[0],
                                expected["meta_logits"],
                                atol=1e-5)
+
+
+def test_npy_inputs_writes_what_saved_model_cli_runs_from_image_files(exported, tmp_path):
+    """README's meta-model example: the .npy files from a support folder and query files."""
+    out = tmp_path / "inputs"
+    code, stdout, stderr = finish(start([
+        sys.executable, "-m", "mamlpp_tf_export.npy_inputs",
+        f"--saved_model={exported.meta_dir}", f"--support={exported.support_dir}",
+        f"--query={','.join(exported.query_files[:4])}", f"--out={out}"
+    ], env=user_env()))
+    assert code == 0 and not TF_START_UP.search(stderr), stderr[-3000:]
+    names = ("support_images", "support_labels", "query_images")
+    assert stdout.strip() == ";".join(f"{name}={out / name}.npy" for name in names)
+    code, _, stderr = run_command([
+        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
+        f"--dir={exported.meta_dir}", "--tag_set=serve", "--signature_def=serving_default",
+        f"--inputs={stdout.strip()}", f"--outdir={tmp_path / 'outputs'}"
+    ])
+    assert code == 0, stderr[-3000:]
+    support = exported.support
+    np.testing.assert_allclose(np.load(tmp_path / "outputs" / "logits.npy")[0],
+                               library_meta_logits(exported.learner, support.images,
+                                                   support.labels, exported.queries[:4]),
+                               atol=1e-5)
+
+
+def test_npy_inputs_fit_each_models_signature(exported, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in exported.query_files[:3]:
+        shutil.copy(file, folder)
+    entries = [str(folder), exported.query_files[3]]  # A folder stands for its images.
+    files = [str(folder / os.path.basename(f)) for f in sorted(exported.query_files[:3])]
+    files.append(exported.query_files[3])
+    assert image_files(entries) == files
+    queries = np.stack([exported.preprocessing.load_file(file) for file in files])
+    cases = {exported.task_dir: (model_inputs(exported.task_dir, images=entries),
+                                 {"images": queries}),
+             exported.meta_dir: (model_inputs(exported.meta_dir, support=exported.support_dir,
+                                              query=entries),
+                                 {"support_images": exported.support.images[None],
+                                  "support_labels": exported.support.labels[None],
+                                  "query_images": queries[None]})}
+    for path, (arrays, expected) in cases.items():
+        specs = tf.saved_model.load(path).signatures["serving_default"]
+        specs = specs.structured_input_signature[1]
+        assert set(arrays) == set(specs) == set(expected)
+        for name, value in arrays.items():
+            assert value.dtype == specs[name].dtype.as_numpy_dtype, (path, name)
+            assert specs[name].shape.is_compatible_with(value.shape), (path, name)
+            np.testing.assert_array_equal(value, expected[name])
+
+
+def test_npy_inputs_name_what_does_not_fit(exported, tmp_path):
+    meta, task = re.escape(exported.meta_dir), re.escape(exported.task_dir)
+    with pytest.raises(ValueError, match=f"{meta} is a meta-model: it takes a support set"):
+        model_inputs(exported.meta_dir, images=exported.query_files)
+    with pytest.raises(ValueError, match=f"{task} is a task model: it takes the images"):
+        model_inputs(exported.task_dir, support=exported.support_dir,
+                     query=exported.query_files)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))} is no version folder"):
+        model_inputs(str(tmp_path), images=exported.query_files)
+    with pytest.raises(ValueError, match="missing.png does not exist"):
+        image_files([str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match=f"folder {re.escape(str(tmp_path))} has no images"):
+        image_files([str(tmp_path)])
 
 
 # ------------------------------------------------------------------ warm-up
@@ -678,7 +773,7 @@ def test_export_without_tensorflow_serving_api_names_the_install_command(
     export_dir = tmp_path / "models" / "meta"
     with pytest.raises(ImportError,
                        match="warm-up records need tensorflow-serving-api: pip install "
-                       "--no-deps tensorflow-serving-api"):
+                       "tensorflow-serving-api"):
         saved_models.export_meta_model(exported.model_dir, str(export_dir))
     assert not export_dir.exists()
 
@@ -737,7 +832,7 @@ def test_cli_reports_bad_input_in_one_line(exported, tmp_path):
     shutil.copytree(exported.support_dir, support)
     _unreadable_image(support, str(tmp_path))
     code, _, stderr = run_command([
-        sys.executable, "-m", "export.task_model", f"--model_dir={exported.model_dir}",
+        sys.executable, "-m", "mamlpp_tf_export.task_model", f"--model_dir={exported.model_dir}",
         f"--support={support}", f"--export_dir={tmp_path}/models/task"
     ])
     assert code == 2 and "Traceback" not in stderr
@@ -754,7 +849,7 @@ def test_a_sigterm_inside_the_write_ends_the_export_in_one_line_leaving_nothing(
     code, _, stderr = run_command([
         sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), "sigterm",
         "keras.src.export.saved_model_export_archive:SavedModelExportArchive.write_out",
-        "export.task_model",
+        "mamlpp_tf_export.task_model",
         f"--model_dir={exported.model_dir}", f"--support={exported.support_dir}",
         f"--export_dir={export_dir}"
     ])
@@ -942,7 +1037,7 @@ def grpc_server(serving):
     """host:port of a gRPC stand-in."""
     if predict_pb2 is None:
         pytest.skip("tensorflow-serving-api is not installed "
-                    "(pip install --no-deps tensorflow-serving-api)")
+                    "(pip install tensorflow-serving-api)")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         serving.servicer(), server)
@@ -1023,14 +1118,14 @@ def test_one_task_refuses_an_answer_of_several_tasks():
         serving_requests.one_task({"logits": np.zeros((2, 3, 5))})
 
 
-# Runs `python -m export.client ARGS` and lists the modules it imported
+# Runs `python -m mamlpp_tf_export.client ARGS` and lists the modules it imported
 # (interpreter start-up excluded) as the last line.
 CLIENT_IMPORTS = r"""
 import json, runpy, sys
 before = set(sys.modules)
-sys.argv[0] = "export.client"
+sys.argv[0] = "mamlpp_tf_export.client"
 try:
-    runpy.run_module("export.client", run_name="__main__", alter_sys=True)
+    runpy.run_module("mamlpp_tf_export.client", run_name="__main__", alter_sys=True)
 except SystemExit as exit:
     code = exit.code
 print(json.dumps({"code": code, "modules": sorted(set(sys.modules) - before)}))
@@ -1039,7 +1134,7 @@ print(json.dumps({"code": code, "modules": sorted(set(sys.modules) - before)}))
 
 def run_client(args: list[str],
                code: str = CLIENT_IMPORTS) -> tuple[int, list, list, str]:
-    """`python -m export.client ARGS` in a new process.
+    """`python -m mamlpp_tf_export.client ARGS` in a new process.
 
     Returns:
       `(exit status, output lines split at tabs, modules imported, stderr)`.
@@ -1074,7 +1169,7 @@ def test_rest_client_imports_only_the_standard_library_and_numpy(exported, rest_
     for kind, (code, lines, modules, stderr) in answers.items():
         assert code == 0, stderr[-2000:]
         top_level = {m.split(".")[0] for m in modules}
-        foreign = sorted(top_level - set(sys.stdlib_module_names) - {"numpy", "export"})
+        foreign = sorted(top_level - set(sys.stdlib_module_names) - {"numpy", "mamlpp_tf_export"})
         assert not foreign, (kind, foreign)
         assert "tensorflow" not in modules
         assert [line[0] for line in lines] == files
@@ -1091,7 +1186,7 @@ def test_client_without_serving_api_names_the_install_command(exported):
     assert code == 2 and not lines and "Traceback" not in stderr
     errors = stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith(
-        "error: gRPC requests need tensorflow-serving-api: pip install --no-deps "
+        "error: gRPC requests need tensorflow-serving-api: pip install "
         "tensorflow-serving-api ("), errors
 
 

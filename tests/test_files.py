@@ -7,8 +7,8 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from export import saved_models
 from mamlpp_tf import files
+from mamlpp_tf_export import saved_models
 
 # Nested values, a float, a non-ASCII string, None: what results.json holds.
 VALUE = {"test": {"accuracy": 0.875, "ci95": 0.0125, "epochs": [3, 1]},

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import saved_models
-from export.preprocessing import Preprocessing
 from mamlpp_tf import MamlPlusPlus, Trainer, task_model
+from mamlpp_tf_export import saved_models
+from mamlpp_tf_export.preprocessing import Preprocessing
 
 from conftest import (
     assert_random_directions_match_fd,

@@ -136,7 +136,7 @@ def test_an_export_to_a_full_disk_names_the_export_dir_and_leaves_no_version(
     disk = mounts.tmpfs(str(tmp_path / "disk"), "64k")  # A SavedModel is larger.
     export_dir = os.path.join(disk, "models", "meta")
     code, _, stderr = run_job(finished_run[0], f"--export_dir={export_dir}",
-                              module="export.meta_model")
+                              module="mamlpp_tf_export.meta_model")
     line = assert_storage_error(code, stderr, export_dir)
     assert "No space left on device" in line
     assert not os.path.exists(export_dir) or os.listdir(export_dir) == []

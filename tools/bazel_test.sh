@@ -35,7 +35,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
 fi
 if ! python3 -c "import tensorflow, keras, pytest, hypothesis" >/dev/null 2>&1; then
   echo "$(command -v python3 || echo 'no python3 on PATH') lacks the test dependencies:" \
-       "activate the project's virtualenv (README.md: pip install -e \".[cpu,test]\")" >&2
+       "activate the project's virtualenv (README.md: pip install -e \".[test]\")" >&2
   exit 1
 fi
 echo "Python for the tests: $(command -v python3) ($(python3 --version 2>&1))"

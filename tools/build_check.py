@@ -9,7 +9,8 @@ reports:
   srcs of no py_library, py_binary or py_test;
 - a py target whose runfiles (srcs, data and deps, transitively) lack a first-party module
   that its sources import, transitively: by `import` and `from` statements, in `python -c`
-  programs and as dotted names in string literals (`"-m", "mamlpp_tf.train"`);
+  programs and as dotted names in string literals (`"-m", "mamlpp_tf.train"`), a package
+  of `PACKAGE_DIRS` resolved to its folder;
 - a py_test whose runfiles lack a workspace file, or a directory's files, that its own
   package's sources name: as a string literal (`"export/saved_models.py"`) or a path built
   of literals (`os.path.join(ROOT, "flags", "*.cfg")`, `pathlib.Path(__file__).parent /
@@ -40,6 +41,9 @@ _JOIN_CALLS = {"os.path.join", "posixpath.join", "pathlib.Path", "Path", "joinpa
 _SAME_CALLS = {"os.path.abspath", "os.path.realpath", "os.path.normpath", "os.fspath", "str",
                "resolve", "absolute"}
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# Packages imported under another name than their folder's (setup.py's `package_dir`); under
+# Bazel, export/from_checkout/mamlpp_tf_export/__init__.py loads the folder under that name.
+PACKAGE_DIRS = {"mamlpp_tf_export": "export"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,11 +301,15 @@ class _Sources:
 
     def _resolve(self, name: str, roots: list[str]) -> list[str] | None:
         """The files that `import name` loads, or None if it is no first-party module."""
+        parts = name.split(".")
+        if parts[0] in PACKAGE_DIRS:
+            folder = PACKAGE_DIRS[parts[0]]
+            roots, parts = [posixpath.dirname(folder)], [posixpath.basename(folder), *parts[1:]]
         for root in roots:
             files, directory = [], root
-            for index, part in enumerate(name.split(".")):
+            for index, part in enumerate(parts):
                 directory = posixpath.join(directory, part)
-                last = index == len(name.split(".")) - 1
+                last = index == len(parts) - 1
                 if self._isfile(posixpath.join(directory, "__init__.py")):
                     files.append(posixpath.join(directory, "__init__.py"))
                 elif last and self._isfile(directory + ".py"):

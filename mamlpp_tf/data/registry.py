@@ -33,7 +33,7 @@ class DatasetInfo:
         `"folder"` (images in a folder at `data_dir`, in a layout of
         `mini_imagenet`) or `"generated"` (see `synthetic`).
       channels: Channel counts its images can have.
-      serving_kind: The `export.preprocessing.Preprocessing` kind that serves it.
+      serving_kind: The `mamlpp_tf_export.preprocessing.Preprocessing` kind that serves it.
       preprocess: Maps uint8 pixels `[..., C]` already at the network's size to
         the network's float32 values, as training did.
     """

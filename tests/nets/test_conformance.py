@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import saved_models
-from export.preprocessing import Preprocessing
 from mamlpp_tf import MamlPlusPlus, Trainer, schedules, task_model
 from mamlpp_tf.nets import has_task_batched_pass
+from mamlpp_tf_export import saved_models
+from mamlpp_tf_export.preprocessing import Preprocessing
 
 from conftest import (
     ROOT,
@@ -313,7 +313,7 @@ def test_train_export_and_report_with_a_backbone_flag(backbone, flags, tmp_path)
     support = str(tmp_path / "support.npz")
     rng = np.random.RandomState(0)
     np.savez(support, x=rng.rand(3, 28, 28, 1).astype(np.float32), y=np.arange(3))
-    command = [sys.executable, "-m", "export.task_model", f"--model_dir={model_dir}",
+    command = [sys.executable, "-m", "mamlpp_tf_export.task_model", f"--model_dir={model_dir}",
                f"--support={support}", f"--export_dir={tmp_path / 'export'}"]
     exported = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False,
                               timeout=600)
