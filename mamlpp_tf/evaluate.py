@@ -12,14 +12,21 @@ with the paired difference. Prints a table and writes
 `--served_bn_stats` scores as served with other task-model statistics than
 the run's own (a serving-only swap that needs no retraining, e.g. `rn` on a
 `batch` run) and writes `evaluation_served_<mode>.json`.
+
+Progress as for the training job's test (`mamlpp_tf.training.progress`): a
+line as each phase starts (the test by the protocol, then as served) and a
+bar on a terminal, a line every tenth of a phase in a log file; the last line
+says where the evaluation went.
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from mamlpp_tf import cli, task_model
-from mamlpp_tf.training import evaluation
+from mamlpp_tf.training import evaluation, progress
 
 flags.DEFINE_string("model_dir", None, "Run directory written by mamlpp_tf.train.")
 flags.DEFINE_string("data_dir", None, "Override the run's --data_dir (e.g. on another "
@@ -42,9 +49,10 @@ FLAGS = flags.FLAGS
 
 def _evaluate() -> str:
     results = evaluation.evaluate_run(FLAGS.model_dir, FLAGS.data_dir, FLAGS.ensemble_top_k,
-                                      FLAGS.test_tasks, FLAGS.served_bn_stats)
+                                      FLAGS.test_tasks, FLAGS.served_bn_stats,
+                                      reporter=progress.reporter(terminal=sys.stdout.isatty()))
     return evaluation.format_results(results)
 
 
 if __name__ == "__main__":
-    cli.run(_evaluate, job="the evaluation")
+    cli.run(_evaluate, job="the evaluation", output_dirs=("model_dir",))

@@ -7,11 +7,13 @@ bounds, choices), so that a field is declared once; only the job's own flags
 flag's bounds and choices while it parses the command line; the checks across
 flags are the configs' own, run by `run_config_from_flags`, which reports them
 in flag terms. Flags given on the command line override those of a
-`--flagfile`.
+`--flagfile`; flags given in neither may take other defaults than their own
+(a resumed run's recorded data location, see `run_config_from_flags`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import typing
 from typing import Any
@@ -91,22 +93,34 @@ flags.DEFINE_boolean("override_config", False,
                      "Resume a --model_dir created with other flags anyway, recording the "
                      "new ones (by default such a resume is refused with the differences).")
 flags.DEFINE_integer("log_every", 10,
-                     "Iterations between TensorBoard training summaries and, when stdout "
-                     "is not a terminal (a log file), progress lines: iterations done, "
-                     "iterations/s, ETA, mean train loss and accuracy.", lower_bound=1)
+                     "Iterations per training window: TensorBoard's train loss and accuracy "
+                     "are each window's means and, when stdout is not a terminal (a log "
+                     "file), a line shows them with the iterations done, iterations/s and "
+                     "the ETA.", lower_bound=1)
 flags.mark_flags_as_required(_REQUIRED)
 
 
-def run_config_from_flags() -> RunConfig:
+def run_config_from_flags(defaults: Mapping[str, Any] | None = None) -> RunConfig:
     """Resolves the parsed flags into a validated `RunConfig`.
 
     The network's input shape is the dataset's (`data.registry`).
+
+    Args:
+      defaults: Values for flags that neither the command line nor a flagfile
+        set, in place of the flags' own defaults (e.g. the data location a
+        resumed run recorded); checked with the rest.
 
     Raises:
       FlagCombinationError: The configs refuse the flags; one line per problem,
         each naming the flags involved and their values.
     """
-    values = {config_class: {field.name: FLAGS[field.name].value
+    defaults = defaults or {}
+
+    def value(name: str) -> Any:
+        flag = FLAGS[name]
+        return defaults[name] if name in defaults and not flag.present else flag.value
+
+    values = {config_class: {field.name: value(field.name)
                              for field in _flag_fields(config_class)}
               for config_class in (LearnerConfig, RunConfig)}
     try:

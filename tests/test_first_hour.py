@@ -19,13 +19,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from export.preprocessing import Preprocessing
-from export.support import class_folders, load_support
-from mamlpp_tf import MamlPlusPlus, Trainer, cli, data, files, train
+from mamlpp_tf import MamlPlusPlus, Trainer, cli, data, files
 from mamlpp_tf import flags as run_flags
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.data import omniglot_prepare, synthetic
 from mamlpp_tf.training import run_dir
+from mamlpp_tf_export.preprocessing import Preprocessing
+from mamlpp_tf_export.support import class_folders, load_support
 
 from conftest import ROOT, TINY, random_batch, run_job, tiny_config
 
@@ -319,39 +319,3 @@ def test_class_set_repr_summarises_instead_of_dumping_pixels():
     uneven = data.ClassSet(images=Store(), class_names=("x", "y"), split="val", dataset="d")
     assert "images_per_class=3-5" in repr(uneven)
     assert "read on demand by Store" in repr(uneven)
-
-
-def test_progress_lines_show_rate_eta_and_mean_metrics(caplog):
-    now = [100.0]
-    lines = train.ProgressLines(total=10, every=4, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="absl"):
-        for iteration in range(1, 11):
-            now[0] += 2.0 if iteration > 1 else 30.0  # The first step also traces.
-            lines.update(iteration, (iteration - 1) // 5, loss=float(iteration),
-                         accuracy=0.5)
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == [
-        "iteration 4/10 (epoch 0): train loss 2.5000, accuracy 0.5000 (mean of 4); "
-        "0.5 iterations/s, ETA 12s",
-        "iteration 8/10 (epoch 1): train loss 6.5000, accuracy 0.5000 (mean of 4); "
-        "0.5 iterations/s, ETA 4s",
-        "iteration 10/10 (epoch 1): train loss 9.5000, accuracy 0.5000 (mean of 2); "
-        "0.5 iterations/s, ETA 0s",
-    ]
-
-
-def test_a_terminal_gets_the_keras_bar(capsys):
-    reporter = train.progress_reporter(total=3, every=1, terminal=True)
-    assert isinstance(reporter, train.ProgressBar)
-    for iteration in (1, 2, 3):
-        reporter.update(iteration, 0, loss=1.0, accuracy=0.5)
-    assert "3/3" in capsys.readouterr().out
-    assert isinstance(train.progress_reporter(3, 1, terminal=False), train.ProgressLines)
-
-
-@pytest.mark.parametrize("seconds,text", [
-    (0.4, "0s"), (59, "59s"), (61, "1m 01s"), (3 * 3600 + 7 * 60 + 5, "3h 07m"),
-    (2 * 86400 + 5 * 3600 + 1800, "2d 05h"),
-])
-def test_format_duration(seconds, text):
-    assert train.format_duration(seconds) == text

@@ -74,6 +74,42 @@ def test_config_history_and_results_on_ram(ram_dir):
                                                     "results.json"]
 
 
+def test_a_run_with_progress_gives_its_data_location_and_records_a_moved_one(ram_dir, caplog):
+    run = run_dir.RunDir(ram_dir)
+
+    def config(data_dir):
+        return RunConfig(learner=tiny_config(), model_dir=ram_dir, data_dir=data_dir,
+                         download=False)
+
+    assert run.data_location() == {}  # A new run: its flags are free.
+    run.write_or_check_config(config("/data/a"))
+    assert run.data_location() == {}  # No progress yet: still free.
+    run.write_history([{"epoch": 0, "accuracy": 0.5, "loss": 1.0}])
+    run.write_results({"test": {}})
+    assert run.has_progress()
+    assert run.data_location() == {"data_dir": "/data/a", "download": False}
+    with caplog.at_level(logging.INFO, logger="absl"):
+        run.write_or_check_config(config("/data/b"))  # Moved: accepted and recorded.
+    assert run.data_location() == {"data_dir": "/data/b", "download": False}
+    assert run.read_config() == config("/data/b")
+    assert any("--data_dir: '/data/a' -> '/data/b'" in record.getMessage()
+               for record in caplog.records)
+
+
+def test_flag_defaults_apply_only_to_flags_the_command_line_leaves_out(ram_dir):
+    recorded = {"data_dir": "/recorded", "download": False}
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", *TINY, f"--model_dir={ram_dir}", "--data_dir=/given"])
+        config = run_flags.run_config_from_flags(defaults=recorded)
+    assert (config.data_dir, config.download) == ("/given", False)
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", *TINY, f"--model_dir={ram_dir}", "--download"])
+        config = run_flags.run_config_from_flags(defaults=recorded)
+    assert (config.data_dir, config.download) == ("/recorded", True)
+
+
 def test_epoch_checkpoints_save_restore_and_prune_on_ram(ram_dir):
     run = run_dir.RunDir(ram_dir)
     for epoch in range(3):
@@ -121,6 +157,30 @@ def test_the_latest_manager_saves_and_restores_on_ram(ram_dir):
     restored = restored.learner
     for got in weights(restored):
         np.testing.assert_array_equal(got, pattern(2.0, got.shape))
+
+
+def test_a_checkpoint_restores_the_open_training_window_and_an_older_one_starts_it_empty(
+        ram_dir):
+    run = run_dir.RunDir(ram_dir)
+    trainer = Trainer(shifted_learner(2.0))
+    trainer.step.assign(7)
+    older = run.latest_manager(trainer.checkpoint_items())  # As saved before windows.
+    older.save(checkpoint_number=7)
+    window = tf.Variable([1.5, 0.75, 1.0], dtype=tf.float64)
+    newer = run.latest_manager({**trainer.checkpoint_items(), loop._WINDOW: window})
+    newer.save(checkpoint_number=8)
+    for path, expected in ((newer.latest_checkpoint, [1.5, 0.75, 1.0]),
+                           (older.latest_checkpoint, [0.0, 0.0, 0.0])):
+        restored = Trainer(shifted_learner(0.0))
+        items = restored.checkpoint_items()
+        fresh = tf.Variable(tf.zeros([3], tf.float64))
+        tf.io.gfile.remove(os.path.join(run.latest_dir, "checkpoint"))
+        tf.compat.v1.train.update_checkpoint_state(run.latest_dir, path, [path],
+                                                   all_model_checkpoint_timestamps=[1.0])
+        manager = run.latest_manager({**items, loop._WINDOW: fresh})
+        loop._restore_latest(manager, items, fresh)
+        assert int(restored.step.numpy()) == 7, path
+        np.testing.assert_array_equal(fresh.numpy(), expected)
 
 
 def test_the_run_lock_is_skipped_with_a_warning_off_local_disk(ram_dir, caplog):

@@ -2,8 +2,12 @@
 
 import dataclasses
 import glob
+import io
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf import cli, tensorboard_scalars, train
+from mamlpp_tf import cli, files, tensorboard_scalars, train
 from mamlpp_tf import flags as run_flags
-from mamlpp_tf.training import evaluation
+from mamlpp_tf.training import evaluation, progress
 from mamlpp_tf.training.run import Run
+from mamlpp_tf.training.run_dir import RunDir
 from mamlpp_tf.training.trainer import Trainer
 
 from conftest import ROOT, TINY, comparable_results, run_job
@@ -313,3 +318,196 @@ def test_summarize_and_ensemble_against_hand_computation():
     task_accuracy, correct = evaluation.ensemble([a, b])
     np.testing.assert_array_equal(correct, [[0, 1], [1, 1]])
     np.testing.assert_array_equal(task_accuracy, [0.5, 1.0])
+
+
+class _Messages(logging.Handler):
+    """Keeps the messages of the records it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def logged_job(model_dir, *extra):
+    """`python -m mamlpp_tf.train` on TINY in this process, its stdout a file (a log).
+
+    Returns (exit status, absl log messages, stdout, stderr). Op determinism stays
+    as it was for the other tests of this process.
+    """
+    handler, absl_logger = _Messages(), logging.getLogger("absl")
+    level = absl_logger.level
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, flagsaver.flagsaver():
+        patch.chdir(ROOT)
+        patch.setattr(sys, "argv", ["mamlpp_tf.train", f"--model_dir={model_dir}", *TINY,
+                                    *extra])
+        patch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)
+        patch.setattr(sys, "stdout", out)
+        patch.setattr(sys, "stderr", err)
+        absl_logger.addHandler(handler)
+        absl_logger.setLevel(logging.INFO)
+        try:
+            with pytest.raises(SystemExit) as stop:
+                cli.run(train._train, job="the training job")
+        finally:
+            absl_logger.removeHandler(handler)
+            absl_logger.setLevel(level)
+    return stop.value.code, handler.messages, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """A TINY run in this process, logged, started with a data location (unused by synthetic).
+
+    Returns (model_dir, data_dir, log messages).
+    """
+    root = tmp_path_factory.mktemp("logged")
+    model_dir, data_dir = str(root / "run"), str(root / "data")
+    code, messages, stdout, stderr = logged_job(model_dir, f"--data_dir={data_dir}",
+                                                "--nodownload")
+    assert code in (None, 0), stderr[-3000:]
+    assert "top-2 ensemble" in stdout
+    return model_dir, data_dir, messages
+
+
+_PHASE = re.compile(r"(loading|epoch \d+|validating epoch \d+|testing|testing as served) \(")
+_WINDOW = re.compile(r"iteration (\d+)/16 \(epoch (\d)\): train loss (\d+\.\d{4}), "
+                     r"accuracy (\d+\.\d{4}) \(mean of (\d+)\); ")
+
+
+def test_a_logged_run_says_what_it_does_and_where_its_results_went(logged_run):
+    model_dir, _, messages = logged_run
+    test_detail = "on 6 test tasks each: the best one alone and their logit ensemble)"
+    phases = [m for m in messages if _PHASE.match(m)]
+    assert phases[:5] == [
+        "loading (the synthetic classes of every split and the fixed validation and test "
+        "tasks; building the learner)",
+        "epoch 0 (meta-iterations 1-8 of 16; the first traces the second-order meta-step "
+        "with multi-step loss, minutes for a large network)",
+        "validating epoch 0 (4 tasks; the first meta-batch traces the evaluation step)",
+        # --msl_epochs=1: epoch 1 runs (and traces) the step without MSL.
+        "epoch 1 (meta-iterations 9-16 of 16; the first traces the second-order meta-step "
+        "without multi-step loss, minutes for a large network)",
+        "validating epoch 1 (4 tasks)",
+    ]
+    assert re.fullmatch(r"testing \(epochs [01], [01], best first, " + re.escape(test_detail),
+                        phases[5])
+    assert phases[6].startswith("testing as served (epochs ") and phases[6].endswith(
+        "each through its task model with support statistics; the first task traces it)")
+    assert len(phases) == 7
+    # The test's two phases: 2 epochs x 6 tasks each, a line per tenth (2 tasks).
+    for name in ("testing", "testing as served"):
+        counts = [m for m in messages if m.startswith(f"{name}: ")]
+        assert [int(m[len(name) + 2:].split("/")[0]) for m in counts] == [2, 4, 6, 8, 10, 12]
+        assert counts[-1].startswith(f"{name}: 12/12 tasks (100%) in "), counts
+    after = messages[messages.index(phases[6]):]
+    assert after[-1] == f"results written to {os.path.join(model_dir, 'results.json')}"
+    assert os.path.isabs(model_dir)
+
+
+def test_tensorboard_train_scalars_are_the_logged_window_means(logged_run):
+    model_dir, _, messages = logged_run
+    windows = [_WINDOW.match(m) for m in messages if _WINDOW.match(m)]
+    # --log_every=2 over 16 iterations: 8 windows of 2 meta-iterations each.
+    assert [int(w[1]) for w in windows] == list(range(2, 17, 2))
+    assert {int(w[5]) for w in windows} == {2}
+    scalars = tensorboard_scalars.read_scalars(
+        os.path.join(model_dir, "tensorboard", "train"), ["loss", "accuracy"])
+    for tag, group in (("loss", 3), ("accuracy", 4)):
+        steps, values = scalars[tag]
+        assert steps.tolist() == [int(w[1]) for w in windows], tag
+        logged = [float(w[group]) for w in windows]
+        # The log rounds to 4 decimals; TensorBoard stores float32.
+        np.testing.assert_allclose(values, logged, atol=5e-5 + 1e-6, rtol=0, err_msg=tag)
+
+
+def test_a_window_open_at_a_kill_is_resumed_whole(logged_run, tmp_path):
+    """Killed after checkpoint 15 (log_every=2): the resumed window of 16 is still 15-16."""
+    source, data_dir, messages = logged_run
+    model_dir = str(tmp_path / "killed")
+    shutil.copytree(source, model_dir)
+    os.remove(os.path.join(model_dir, "results.json"))
+    latest = os.path.join(model_dir, "checkpoints", "latest")
+    for path in glob.glob(os.path.join(latest, "ckpt-16.*")):
+        os.remove(path)
+    kept = os.path.join(latest, "ckpt-15")
+    # With its time: CheckpointManager leaves out a checkpoint that has none.
+    tf.compat.v1.train.update_checkpoint_state(latest, kept, [kept],
+                                               all_model_checkpoint_timestamps=[time.time()])
+    code, resumed, _, stderr = logged_job(model_dir)
+    assert code in (None, 0), stderr[-3000:]
+    assert f"Resumed from {kept}." in resumed
+    last = [m for m in resumed if m.startswith("iteration ")]
+    assert len(last) == 1 and last[0].startswith("iteration 16/16 (epoch 1)")
+    reference = [m for m in messages if m.startswith("iteration 16/16 ")][0]
+    assert last[0].split("; ")[0] == reference.split("; ")[0]  # The same means, of 2.
+    steps, values = tensorboard_scalars.read_scalars(
+        os.path.join(model_dir, "tensorboard", "train"), ["loss"])["loss"]
+    _, uninterrupted = tensorboard_scalars.read_scalars(
+        os.path.join(source, "tensorboard", "train"), ["loss"])["loss"]
+    assert steps[-1] == 16 and values[-1] == uninterrupted[-1]
+    assert comparable_results(model_dir) == comparable_results(source)
+
+
+def test_a_resume_takes_the_data_location_its_run_recorded(logged_run, tmp_path):
+    source, data_dir, _ = logged_run
+    model_dir = str(tmp_path / "resumed")
+    shutil.copytree(source, model_dir)
+    results_path = os.path.join(model_dir, "results.json")
+    os.remove(results_path)  # Resumes at its last iteration: the final test again.
+    code, messages, _, stderr = logged_job(model_dir)
+    assert code in (None, 0), stderr[-3000:]
+    assert (f"Resuming {model_dir} with the data location it recorded: --data_dir={data_dir} "
+            "--nodownload (give the flags to read the data elsewhere)") in messages
+    config = files.read_json(results_path)["config"]
+    assert (config["data_dir"], config["download"]) == (data_dir, False)
+    # A moved data dir, given: used, and recorded for the next resume.
+    os.remove(results_path)
+    moved = str(tmp_path / "moved")
+    code, messages, _, stderr = logged_job(model_dir, f"--data_dir={moved}")
+    assert code in (None, 0), stderr[-3000:]
+    assert (f"Resuming {model_dir} with the data location it recorded: --nodownload (give the "
+            "flags to read the data elsewhere)") in messages
+    assert (f"{model_dir} records its new data location for later resumes: "
+            f"--data_dir: {data_dir!r} -> {moved!r}") in messages
+    config = files.read_json(results_path)["config"]
+    assert (config["data_dir"], config["download"]) == (moved, False)
+    assert RunDir(model_dir).data_location() == {"data_dir": moved, "download": False}
+
+
+def test_a_resume_reads_its_data_where_recorded_unless_given_another_place(
+        tmp_path, monkeypatch, capsys):
+    """mini-ImageNet needs --data_dir: a resume without it reads the recorded folder."""
+    model_dir, recorded = tmp_path / "run", str(tmp_path / "recorded")
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", *TINY, "--dataset=mini_imagenet", f"--data_dir={recorded}",
+                     f"--model_dir={model_dir}"])
+        RunDir(str(model_dir)).write_or_check_config(run_flags.run_config_from_flags())
+    # Progress to resume (a checkpoint being written): the data fails to load before it.
+    latest = model_dir / "checkpoints" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "ckpt-3.index").write_bytes(b"")
+    for given, read in ((None, recorded), (str(tmp_path / "moved"), str(tmp_path / "moved"))):
+        extra = ["--dataset=mini_imagenet"] + ([f"--data_dir={given}"] if given else [])
+        code, stderr = train_in_process(monkeypatch, capsys, str(model_dir), *extra)
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1, stderr[-2000:]
+        assert f"mini-ImageNet data_dir={read} is not a directory" in lines[0]
+    # A start that fails writes nothing: the recorded location stays.
+    assert files.read_json(str(model_dir / "config.json"))["data_dir"] == recorded
+
+
+def test_evaluate_says_what_it_does_and_where_it_wrote(finished_run, caplog):
+    model_dir, _ = finished_run
+    with caplog.at_level(logging.INFO, logger="absl"):
+        evaluation.evaluate_run(model_dir, reporter=progress.LogLines())
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m.split(" (")[0] for m in messages if _PHASE.match(m)] == [
+        "loading", "testing", "testing as served"]
+    assert "testing: 12/12 tasks (100%)" in " ".join(messages)
+    assert messages[-1] == ("evaluation written to "
+                            f"{os.path.abspath(evaluation.evaluation_path(model_dir))}")

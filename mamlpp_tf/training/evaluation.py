@@ -13,6 +13,9 @@ on its own. With `--bn_stats=batch` the protocol normalises each query batch
 with its own statistics, so the two differ and the paired difference shows
 what a deployment loses; with `support`, `rn` and `tasknorm` they are
 one computation and agree exactly.
+
+The test is two phases, each reported to a `progress.Progress`: every kept
+epoch by the protocol, then every one as served.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from mamlpp_tf import files, task_model
-from mamlpp_tf.training import distribute
+from mamlpp_tf.training import distribute, progress
 from mamlpp_tf.training.run import Run
 from mamlpp_tf.training.trainer import Trainer
 
@@ -48,7 +51,8 @@ class TaskResults:
 
 def evaluate(trainer: Trainer,
              dataset: Iterable,
-             strategy: tf.distribute.Strategy | None = None) -> TaskResults:
+             strategy: tf.distribute.Strategy | None = None,
+             on_tasks: Callable[[int], None] | None = None) -> TaskResults:
     """Runs `trainer.eval_step` over every meta-batch of `dataset`.
 
     Args:
@@ -56,6 +60,8 @@ def evaluate(trainer: Trainer,
       dataset: Meta-batches; a `tf.data.Dataset` of the fixed tasks.
       strategy: If given, the dataset is distributed with it; every worker
         then takes part and receives the results of all tasks.
+      on_tasks: Called with the number of tasks of each meta-batch done (all
+        replicas'), e.g. `Progress.advance`.
 
     Returns:
       Per-task results of all tasks, gathered from the replicas in replica
@@ -68,6 +74,8 @@ def evaluate(trainer: Trainer,
         result = trainer.eval_step(batch)
         for key, values in parts.items():
             values.append(result[key].numpy())
+        if on_tasks is not None:
+            on_tasks(len(parts["loss"][-1]))
     logits, labels = np.concatenate(parts["logits"]), np.concatenate(parts["labels"])
     # Accuracy from the logits in float64, as for the served path, so that
     # equal predictions give equal numbers to the last digit.
@@ -78,7 +86,8 @@ def evaluate(trainer: Trainer,
 
 
 def evaluate_served(served: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
-                    dataset: Iterable) -> TaskResults:
+                    dataset: Iterable,
+                    on_tasks: Callable[[int], None] | None = None) -> TaskResults:
     """Scores every task of `dataset` through its task model, as a server answers it.
 
     Args:
@@ -86,6 +95,7 @@ def evaluate_served(served: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tenso
         learner's variables when called, so one traced function serves every
         checkpoint restored into the learner.
       dataset: Meta-batches (not distributed), in the order `evaluate` sees them.
+      on_tasks: Called with 1 after each task, e.g. `Progress.advance`.
 
     Returns:
       Per-task results in dataset order; losses are the final query
@@ -93,8 +103,10 @@ def evaluate_served(served: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tenso
     """
     logits, labels = [], []
     for support_x, support_y, query_x, query_y in dataset:
-        logits += [served(support_x[t], support_y[t], query_x[t]).numpy()
-                   for t in range(support_x.shape[0])]
+        for t in range(support_x.shape[0]):
+            logits.append(served(support_x[t], support_y[t], query_x[t]).numpy())
+            if on_tasks is not None:
+                on_tasks(1)
         labels.append(query_y.numpy())
     logits, labels = np.stack(logits), np.concatenate(labels)
     log_probabilities = logits - _log_sum_exp(logits)
@@ -157,7 +169,8 @@ def correctness(result: TaskResults) -> np.ndarray:
 
 
 def run_test(run: Run, history: list[dict] | None = None,
-             served_bn_stats: str | None = None) -> dict:
+             served_bn_stats: str | None = None,
+             reporter: progress.Progress | None = None) -> dict:
     """The final test: the best single epoch and the top-k logit ensemble.
 
     Args:
@@ -167,6 +180,8 @@ def run_test(run: Run, history: list[dict] | None = None,
         directory's).
       served_bn_stats: The task model's statistics (`task_model.BN_STATS`);
         None for the run's own (`task_model.default_bn_stats`).
+      reporter: Gets the test's two phases (by the protocol, as served) and
+        their tasks as they are done; default: shown nowhere.
 
     Returns:
       `{"test": {...}}` with accuracy, CI and per-sample std for both, and the
@@ -184,11 +199,22 @@ def run_test(run: Run, history: list[dict] | None = None,
         served_bn_stats = task_model.default_bn_stats(config.learner)
     served = task_model.served_logits_fn(learner, served_bn_stats,
                                          config.learner.n_way * config.k_shot)
-    members, served_members = [], []
+    reporter = reporter or progress.Progress()
+    count, epochs = config.test_tasks, ", ".join(map(str, top))
+    reporter.phase("testing", len(top) * count, tenths=True,
+                   detail=f"epochs {epochs}, best first, on {count} test tasks each: the best "
+                   "one alone and their logit ensemble")
+    members = []
     for epoch in top:
         run.restore_epoch(epoch)
-        members.append(evaluate(run.trainer, tasks, strategy))
-        served_members.append(evaluate_served(served, tasks))
+        members.append(evaluate(run.trainer, tasks, strategy, on_tasks=reporter.advance))
+    reporter.phase("testing as served", len(top) * count, tenths=True,
+                   detail=f"epochs {epochs} on the same tasks, each through its task model "
+                   f"with {served_bn_stats} statistics; the first task traces it")
+    served_members = []
+    for epoch in top:
+        run.restore_epoch(epoch)
+        served_members.append(evaluate_served(served, tasks, on_tasks=reporter.advance))
     single = summarize(members[0].accuracies, correctness(members[0]))
     accuracies, correct = ensemble(members)
     combined = summarize(accuracies, correct)
@@ -255,7 +281,8 @@ def evaluate_run(model_dir: str,
                  data_dir: str | None = None,
                  ensemble_top_k: int | None = None,
                  test_tasks: int | None = None,
-                 served_bn_stats: str | None = None) -> dict:
+                 served_bn_stats: str | None = None,
+                 reporter: progress.Progress | None = None) -> dict:
     """Tests the kept checkpoints of the run in `model_dir`; writes `evaluation_path`.
 
     Args:
@@ -265,6 +292,7 @@ def evaluate_run(model_dir: str,
       test_tasks: Override of the number of fixed test tasks.
       served_bn_stats: Score as served with these task-model statistics (a
         serving-only swap, e.g. `"rn"` on a `batch` run) instead of the run's.
+      reporter: Gets the test's phases and, at the end, where it wrote.
 
     Raises:
       FileNotFoundError: `model_dir` holds no run or no validated epoch.
@@ -278,9 +306,15 @@ def evaluate_run(model_dir: str,
     run = Run.from_dir(model_dir, **overrides)
     if served_bn_stats is not None:
         task_model.check_bn_stats(run.config.learner, served_bn_stats, "--served_bn_stats")
-    results = run_test(run, served_bn_stats=served_bn_stats)
+    reporter = reporter or progress.Progress()
+    reporter.phase("loading", detail=f"the {run.config.dataset} test classes and "
+                   f"{run.config.test_tasks} fixed test tasks")
+    run.eval_tasks("test")  # Built once: the test reuses them.
+    results = run_test(run, served_bn_stats=served_bn_stats, reporter=reporter)
     kept = set(run.dir.kept_epochs())
     results.update(config=run.config.to_dict(),
                    validation=[entry for entry in run.dir.read_history() if entry["epoch"] in kept])
-    files.write_json(evaluation_path(model_dir, served_bn_stats), results)
+    path = evaluation_path(model_dir, served_bn_stats)
+    files.write_json(path, results)
+    reporter.message(f"evaluation written to {progress.shown_path(path)}")
     return results

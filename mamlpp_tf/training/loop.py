@@ -13,12 +13,13 @@ its results instead of training again. SIGTERM/SIGINT raise
 `stop_signals.Interrupted`: in a meta-step after checkpointing it, elsewhere
 (tracing, validation, the final test) at once. With several workers, only
 the chief (`strategy.extended.should_checkpoint`) writes; the others take
-part in every save.
+part in every save. What the job is doing goes to a `progress.Progress`
+(each epoch, validation and test phase, every meta-step, the means of every
+`log_every` meta-steps, which the TensorBoard training scalars record too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import contextlib
 import os
 import platform
@@ -32,13 +33,13 @@ import tensorflow as tf
 from mamlpp_tf import data, schedules
 from mamlpp_tf.config import RunConfig
 from mamlpp_tf.learner import MamlPlusPlus
-from mamlpp_tf.training import distribute, evaluation, stop_signals
+from mamlpp_tf.training import distribute, evaluation, progress, stop_signals
 from mamlpp_tf.training.run import Run
-from mamlpp_tf.training.run_dir import RunDir, RunLock
+from mamlpp_tf.training.run_dir import CheckpointItems, RunDir, RunLock
 from mamlpp_tf.training.trainer import Trainer
 
-# `progress(iteration, epoch, loss, accuracy)` after every meta-step.
-Progress = Callable[[int, int, float, float], None]
+# The checkpoint key of the open training window's sums (`_Loop.window`).
+_WINDOW = "train_window"
 
 
 class NonFiniteUpdate(Exception):
@@ -46,7 +47,7 @@ class NonFiniteUpdate(Exception):
 
 
 def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
-          progress: Progress | None = None) -> dict:
+          reporter: progress.Progress | None = None) -> dict:
     """Trains (or resumes) the run of `config` and returns its results.
 
     Nothing is written to `model_dir` before the run has passed every check
@@ -55,11 +56,12 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
 
     Args:
       config: The run.
-      log_every: Iterations between TensorBoard training summaries.
+      log_every: Meta-iterations per training window: the TensorBoard training
+        loss and accuracy are the means of each window, as `reporter` gets them.
       override_config: Resume a `model_dir` made with other flags anyway
         (recording the new ones) instead of refusing.
-      progress: Called after every meta-step with the iteration count, the
-        epoch, and the batch's loss and accuracy (the CLI shows them).
+      reporter: Gets what the job is doing (its phases, every meta-step, the
+        windows, where the results went); default: shown nowhere.
 
     Returns:
       The content of `results.json`.
@@ -73,6 +75,7 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
       NonFiniteUpdate: a non-finite update under `--nan_policy=stop`.
     """
     start_time = time.time()
+    reporter = reporter or progress.Progress()
     directory = RunDir(config.model_dir)
     with stop_signals.StopSignals(resume=lambda: _resume_text(directory)) as signals:
         run = Run(config, distribute.resolve(config.strategy, config.meta_batch_size,
@@ -82,14 +85,17 @@ def train(config: RunConfig, log_every: int = 10, override_config: bool = False,
             run.dir.check_config(config, override=override_config)
         finished = run.dir.read_results()
         if finished is not None:
-            logging.info("Run in %s already finished; not training again.", config.model_dir)
+            logging.info("Run in %s already finished; not training again. Its results: %s",
+                         config.model_dir, progress.shown_path(run.dir.results_path))
             return finished
+        reporter.phase("loading", detail=f"the {config.dataset} classes of every split and the "
+                       "fixed validation and test tasks; building the learner")
         run.build()  # Fails on bad data or flags before anything is written.
         try:
             with RunLock(config.model_dir) if run.chief else contextlib.nullcontext():
                 if run.chief:
                     run.dir.write_or_check_config(config, override=override_config)
-                loop = _Loop(run, signals, log_every, progress)
+                loop = _Loop(run, signals, log_every, reporter)
                 loop.train()
                 return loop.test(start_time)
         except distribute.PEER_ERRORS as error:
@@ -116,18 +122,23 @@ class _Loop:
       run: The run.
       signals: The job's signal handling; the loop sets its phase and defers
         it around steps and writes.
-      log_every, progress: As for `train`.
+      log_every, reporter: As for `train`.
     """
 
     def __init__(self, run: Run, signals: stop_signals.StopSignals, log_every: int,
-                 progress: Progress | None):
-        self.run, self.signals, self.log_every, self.progress = run, signals, log_every, progress
+                 reporter: progress.Progress):
+        self.run, self.signals, self.log_every, self.reporter = run, signals, log_every, reporter
         self.config, self.trainer = run.config, run.trainer
         self.per_epoch = run.config.learner.iterations_per_epoch
         self.total = run.config.learner.epochs * self.per_epoch
         self.val_tasks = run.eval_tasks("val")
-        self.manager = run.dir.latest_manager(self.trainer.checkpoint_items())
-        _restore_latest(self.manager)
+        # The open training window: sums of its meta-steps' loss and accuracy, and
+        # their count. Saved with the training state, so that a resumed run's
+        # windows (their logged means, TensorBoard's) are an uninterrupted one's.
+        self.window = tf.Variable(tf.zeros([3], tf.float64), trainable=False, name=_WINDOW)
+        training_state = self.trainer.checkpoint_items()
+        self.manager = run.dir.latest_manager({**training_state, _WINDOW: self.window})
+        _restore_latest(self.manager, training_state, self.window)
         self.iteration = int(self.trainer.step.numpy())
         # The training state of an epoch's end is saved before its validation, and
         # its history entry after: entries of later epochs are from a crash and are
@@ -138,6 +149,10 @@ class _Loop:
         self.writers = {
             name: tf.summary.create_file_writer(os.path.join(run.dir.tensorboard_dir, name))
             for name in ("train", "val")} if run.chief else {}
+        # The (msl, second_order) modes whose meta-step this process has traced, and
+        # whether it has traced the evaluation step.
+        self.traced_modes: set[tuple[bool, bool]] = set()
+        self.traced_eval = False
 
     def train(self) -> None:
         """Meta-trains from the restored iteration to the last one.
@@ -158,8 +173,12 @@ class _Loop:
         tasks = distribute.distribute_dataset(self.run.strategy,
                                               self.run.train_tasks(self.iteration))
         signals = self.signals
+        started = None
         for batch in tasks:
             epoch = self.iteration // self.per_epoch
+            if epoch != started:
+                self._start_epoch(epoch)
+                started = epoch
             signals.phase = f"meta-iteration {self.iteration + 1} (epoch {epoch})"
             with signals.deferred():
                 self._step(batch, epoch)
@@ -175,19 +194,42 @@ class _Loop:
             if self.iteration >= self.total:
                 break
 
+    def _start_epoch(self, epoch: int) -> None:
+        """Reports the meta-training of `epoch` from the current iteration as a phase."""
+        end = min((epoch + 1) * self.per_epoch, self.total)
+        detail = f"meta-iterations {self.iteration + 1}-{end} of {self.total}"
+        msl, second_order, _ = self.trainer.learner.epoch_modes(epoch)
+        if (msl, second_order) not in self.traced_modes:
+            self.traced_modes.add((msl, second_order))
+            detail += (f"; the first traces the {'second' if second_order else 'first'}-order "
+                       f"meta-step {'with' if msl else 'without'} multi-step loss, minutes for "
+                       "a large network")
+        self.reporter.phase(f"epoch {epoch}", end - self.iteration, unit="meta-iteration",
+                            detail=detail)
+
     def _step(self, batch, epoch: int) -> None:
-        """One meta-step, its bookkeeping, progress and training summaries."""
+        """One meta-step, its bookkeeping and progress; closes a window when one is due.
+
+        A window closes every `log_every` meta-iterations and at the last one:
+        its means go to the reporter and, from the chief, to TensorBoard.
+        """
         metrics = self.trainer.train_step(batch)
         self.iteration = int(self.trainer.step.numpy())
         if not bool(metrics["applied"]):
             self._non_finite()
-        values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
-        values["skipped_updates"] = float(self.trainer.skipped_updates.numpy())
-        if self.progress is not None:
-            self.progress(self.iteration, epoch, values["loss"], values["accuracy"])
-        if self.run.chief and (self.iteration % self.log_every == 0 or
-                               self.iteration % self.per_epoch == 0):
-            _train_summaries(self.writers["train"], self.trainer, values, self.iteration)
+        loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])
+        self.reporter.step(self.iteration, loss, accuracy)
+        self.window.assign_add(tf.constant([loss, accuracy, 1.0], tf.float64))
+        if self.iteration % self.log_every and self.iteration < self.total:
+            return
+        loss_sum, accuracy_sum, size = self.window.numpy()
+        window = progress.Window(iteration=self.iteration, total=self.total, epoch=epoch,
+                                 loss=float(loss_sum / size), accuracy=float(accuracy_sum / size),
+                                 size=int(size))
+        self.window.assign(tf.zeros([3], tf.float64))
+        self.reporter.window(window)
+        if self.run.chief:
+            _train_summaries(self.writers["train"], self.trainer, window)
 
     def _non_finite(self) -> None:
         """Applies `--nan_policy` to a meta-step whose update was withheld.
@@ -216,7 +258,13 @@ class _Loop:
         """Validates the checkpointed end of `epoch`, then keeps its model and history entry."""
         run = self.run
         self.signals.phase = f"validation of epoch {epoch}"
-        result = evaluation.evaluate(self.trainer, self.val_tasks, run.strategy)
+        tasks = self.config.val_tasks
+        detail = f"{tasks} tasks" + (
+            "" if self.traced_eval else "; the first meta-batch traces the evaluation step")
+        self.traced_eval = True
+        self.reporter.phase(f"validating epoch {epoch}", tasks, detail=detail)
+        result = evaluation.evaluate(self.trainer, self.val_tasks, run.strategy,
+                                     on_tasks=self.reporter.advance)
         entry = dict(epoch=epoch, loss=float(result.losses.mean()),
                      **evaluation.summarize(result.accuracies))
         logging.info("epoch %d: val accuracy %.4f ± %.4f, loss %.4f", epoch,
@@ -255,7 +303,7 @@ class _Loop:
             raise ValueError(f"--model_dir={self.config.model_dir}: no validated epoch to test")
         config = self.config
         self.signals.phase = "the final test"
-        results = evaluation.run_test(self.run, self.history)
+        results = evaluation.run_test(self.run, self.history, reporter=self.reporter)
         results.update(validation=self.history, config=config.to_dict(), seeds=_seeds(config),
                        versions=_versions(), iterations=self.total,
                        skipped_updates=int(self.trainer.skipped_updates.numpy()),
@@ -263,11 +311,17 @@ class _Loop:
         if self.run.chief:
             self.signals.phase = "the write of results.json"
             self.run.dir.write_results(results)
+            path = progress.shown_path(self.run.dir.results_path)
+            self.reporter.message(f"results written to {path}")
         return results
 
 
-def _restore_latest(manager: tf.train.CheckpointManager) -> None:
+def _restore_latest(manager: tf.train.CheckpointManager, training_state: CheckpointItems,
+                    window: tf.Variable) -> None:
     """Restores the newest readable checkpoint, falling back past damaged ones.
+
+    Every object of `training_state` must be in it; `window` is restored if it
+    is (checkpoints of older versions have none: their window starts empty).
 
     Raises:
       ValueError: if checkpoints exist but none can be read.
@@ -275,7 +329,9 @@ def _restore_latest(manager: tf.train.CheckpointManager) -> None:
     candidates = list(reversed(manager.checkpoints))
     for index, path in enumerate(candidates):
         try:
-            manager.checkpoint.restore(path).assert_existing_objects_matched()
+            tf.train.Checkpoint(**training_state).restore(
+                path).assert_existing_objects_matched()
+            tf.train.Checkpoint(**{_WINDOW: window}).restore(path).expect_partial()
         except (tf.errors.OpError, ValueError, AssertionError, IndexError) as error:
             logging.warning("Checkpoint %s is unreadable (%s).", path,
                             str(error).splitlines()[0])
@@ -291,12 +347,13 @@ def _restore_latest(manager: tf.train.CheckpointManager) -> None:
                          f"({', '.join(candidates)}); move them away to start afresh")
 
 
-def _train_summaries(writer, trainer: Trainer, values: dict, iteration: int) -> None:
-    with writer.as_default(step=iteration):
-        tf.summary.scalar("loss", values["loss"])
-        tf.summary.scalar("accuracy", values["accuracy"])
+def _train_summaries(writer, trainer: Trainer, window: progress.Window) -> None:
+    """The window's mean loss and accuracy, and the meta learning rate and skips at its end."""
+    with writer.as_default(step=window.iteration):
+        tf.summary.scalar("loss", window.loss)
+        tf.summary.scalar("accuracy", window.accuracy)
         tf.summary.scalar("meta_lr", float(trainer.optimizer.learning_rate))
-        tf.summary.scalar("skipped_updates", values["skipped_updates"])
+        tf.summary.scalar("skipped_updates", float(trainer.skipped_updates.numpy()))
 
 
 def _epoch_summaries(writers: dict, learner: MamlPlusPlus, config: RunConfig, entry: dict,

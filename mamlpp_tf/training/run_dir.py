@@ -3,10 +3,12 @@
 Layout of `--model_dir`:
 
     config.json              the resolved RunConfig (written once the run has passed
-                             every check, checked on resume)
+                             every check, checked on resume; a resume reads its data
+                             location from it and records a new one given)
     checkpoints/latest/      tf.train.CheckpointManager of the training state
                              (`Trainer.checkpoint_items`: model, update rule, optimizer,
-                             the meta-iteration counter that positions the task stream)
+                             the meta-iteration counter that positions the task stream;
+                             and the training loop's open window of metrics)
     checkpoints/epoch_NNN/   the model after epoch NNN (`MamlPlusPlus.checkpoint_items`),
                              kept for the top-k validation epochs (`best_epochs`)
     history.json             validation results per finished epoch
@@ -31,6 +33,7 @@ from collections.abc import Mapping
 import contextlib
 import fcntl
 import os
+from typing import Any
 
 from absl import logging
 import tensorflow as tf
@@ -41,22 +44,32 @@ from mamlpp_tf.config import RunConfig
 # `name: trackable` objects of a `tf.train.Checkpoint` (model, optimizer, counters).
 CheckpointItems = Mapping[str, object]
 
+# Fields that say where the data is, not what it is: a resume takes the run's
+# recorded values of those its command line leaves out (`RunDir.data_location`).
+DATA_LOCATION_FIELDS = ("data_dir", "download")
 # Fields that may differ between the run that created a model_dir and a resumed
 # one: where the data lives and how often to checkpoint do not change results.
-_RESUMABLE_FIELDS = ("data_dir", "download", "checkpoint_every", "model_dir",
-                     "nan_policy")
+_RESUMABLE_FIELDS = DATA_LOCATION_FIELDS + ("checkpoint_every", "model_dir", "nan_policy")
 # The file of an epoch checkpoint written last: its presence marks the epoch complete.
 _EPOCH_COMMIT = "model.index"
 # Prefix of an epoch checkpoint being written (a prefix: see `mamlpp_tf.files`).
 _TEMPORARY = ".tmp_"
 
 
-def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
-    """Flags whose values differ between two configs, ignoring resumable ones."""
+def config_differences(old: RunConfig, new: RunConfig,
+                       fields: tuple[str, ...] | None = None) -> list[str]:
+    """Flags whose values differ between two configs, `--flag: old -> new` each.
+
+    Args:
+      old: The recorded config.
+      new: This invocation's.
+      fields: The flags to compare; default all but the resumable ones.
+    """
     old_flat, new_flat = _flatten(old.to_dict()), _flatten(new.to_dict())
+    keys = fields if fields is not None else [
+        key for key in sorted(set(old_flat) | set(new_flat)) if key not in _RESUMABLE_FIELDS]
     return [f"--{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}"
-            for key in sorted(set(old_flat) | set(new_flat))
-            if key not in _RESUMABLE_FIELDS and old_flat.get(key) != new_flat.get(key)]
+            for key in keys if old_flat.get(key) != new_flat.get(key)]
 
 
 def _flatten(values: dict) -> dict:
@@ -94,6 +107,18 @@ class RunDir:
             raise FileNotFoundError(f"--model_dir={self.model_dir} holds no run "
                                     f"(no {os.path.basename(self.config_path)})")
         return RunConfig.from_dict(files.read_json(self.config_path))
+
+    def data_location(self) -> dict[str, Any]:
+        """Where the run reads its data (`DATA_LOCATION_FIELDS`), if it has progress to resume.
+
+        Returns:
+          `{field: value}` as recorded in `config.json`; empty for a new run or
+          one without progress (`has_progress`), whose flags are free.
+        """
+        if not tf.io.gfile.exists(self.config_path) or not self.has_progress():
+            return {}
+        config = self.read_config()
+        return {name: getattr(config, name) for name in DATA_LOCATION_FIELDS}
 
     def has_progress(self) -> bool:
         """Whether the run holds anything to resume: a checkpoint, an epoch, results.
@@ -137,7 +162,9 @@ class RunDir:
         """Records `config` for a new run, or checks a resumed run was made with it.
 
         Call it once the run is known to start (flags, data and tasks
-        validated): a `config.json` claims the directory for these flags.
+        validated): a `config.json` claims the directory for these flags. A
+        data location other than the recorded one (a moved data dir) is
+        recorded, for the next resume to read.
 
         Args:
           config: The config of this invocation.
@@ -147,7 +174,12 @@ class RunDir:
           ValueError: as `check_config`.
         """
         differences = self.check_config(config, override)
-        if not tf.io.gfile.exists(self.config_path) or differences:
+        exists = tf.io.gfile.exists(self.config_path)
+        moved = exists and config_differences(self.read_config(), config, DATA_LOCATION_FIELDS)
+        if not exists or differences or moved:
+            if moved:
+                logging.info("%s records its new data location for later resumes: %s",
+                             self.model_dir, "; ".join(moved))
             if differences and self.has_progress():
                 logging.warning("--override_config: %s now runs with %s", self.model_dir,
                                 "; ".join(differences))
