@@ -1,5 +1,6 @@
 """The BUILD files keep up with the code: tools/build_check.py passes here and finds faults."""
 
+import ast
 import dataclasses
 import importlib.util
 import os
@@ -177,3 +178,17 @@ def test_a_fixed_workspace_has_no_fault(tmp_path):
         path = tmp_path / build
         path.write_text(path.read_text().replace(old, new))
     assert build_check.check(build_check.load(root)) == []
+
+
+def _setup_keyword(name: str):
+    """The literal value of keyword `name` of setup.py's `setuptools.setup(...)` call."""
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as stream:
+        tree = ast.parse(stream.read())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "setuptools.setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == name))
+
+
+def test_setup_and_the_build_check_map_the_same_folders():
+    """setup.py installs export/ as the package the build check resolves imports to."""
+    assert _setup_keyword("package_dir") == build_check.PACKAGE_DIRS

@@ -1,7 +1,6 @@
 """The install: export/ becomes the package `mamlpp_tf_export`, and no top-level `export`."""
 
 import ast
-import importlib.util
 import json
 import os
 import shutil
@@ -9,8 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
-from mamlpp_tf_export import saved_models
 
 from conftest import ROOT
 
@@ -24,15 +21,6 @@ print(json.dumps({name: importlib.util.find_spec(name).origin for name in sys.ar
 # `python -m export.X` strings: the modules of the export folder under its folder's name.
 EXPORT_MODULES = {f"export.{name[:-3]}" for name in os.listdir(os.path.join(ROOT, "export"))
                   if name.endswith(".py")}
-
-
-def _setup_keyword(name: str):
-    """The literal value of keyword `name` of setup.py's `setuptools.setup(...)` call."""
-    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as stream:
-        tree = ast.parse(stream.read())
-    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
-                and ast.unparse(node.func) == "setuptools.setup")
-    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == name))
 
 
 def _origins(names: list[str], cwd: str, path: str) -> dict[str, str]:
@@ -95,16 +83,6 @@ def test_the_checkouts_stand_in_loads_the_export_folder_as_mamlpp_tf_export(tmp_
     assert result.stdout.split() == [str(folder / "__init__.py"),
                                      "mamlpp_tf_export.serving_requests",
                                      str(folder / "serving_requests.py")]
-
-
-def test_setup_and_the_build_check_map_the_same_folders():
-    spec = importlib.util.spec_from_file_location(
-        "build_check", os.path.join(ROOT, "tools", "build_check.py"))
-    build_check = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build_check  # Its dataclasses look their module up there.
-    spec.loader.exec_module(build_check)
-    assert _setup_keyword("package_dir") == build_check.PACKAGE_DIRS
-    assert saved_models.__name__ == "mamlpp_tf_export.saved_models"
 
 
 def _top_level_export_imports(path: str) -> list[str]:
