@@ -19,10 +19,15 @@ import tempfile
 # explicit TF_CPP_MIN_LOG_LEVEL in the environment still wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-# Two notices TensorFlow 2.21 writes to file descriptor 2 while its libraries
-# load, whatever TF_CPP_MIN_LOG_LEVEL says (each twice).
+# Notices TensorFlow 2.21 writes to file descriptor 2 while its libraries load
+# and it first looks for devices, whatever TF_CPP_MIN_LOG_LEVEL says: the first
+# two from every wheel, the last two from the full `tensorflow` wheel (built
+# with CUDA) on a machine without a GPU driver, where they say only that the
+# CPU will be used.
 _LOAD_NOTICES = ("All log messages before absl::InitializeLog() is called",
-                 "oneDNN custom operations are on")
+                 "oneDNN custom operations are on",
+                 "Could not find cuda drivers on your machine, GPU will not be used",
+                 "failed call to cuInit")
 
 
 @contextlib.contextmanager
@@ -56,11 +61,14 @@ def drop_stderr_lines(patterns: tuple[str, ...]) -> Iterator[None]:
                 sys.stderr.flush()
 
 
-# TF_CPP_MIN_LOG_LEVEL=0 asks for every line, these included.
+# TF_CPP_MIN_LOG_LEVEL=0 asks for every line, these included. Listing the
+# physical devices here makes TensorFlow probe for GPUs inside the filter; it
+# leaves the runtime unconfigured (logical devices and strategies come later).
 with (drop_stderr_lines(_LOAD_NOTICES) if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0" else
       contextlib.nullcontext()):
     import keras
     import tensorflow
+    tensorflow.config.list_physical_devices()
 del keras, tensorflow  # Imported only to load them here; the package's modules import them.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

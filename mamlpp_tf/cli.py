@@ -16,11 +16,15 @@ from mamlpp_tf.training import stop_signals
 
 
 def quiet_tensorflow_logs() -> None:
-    """Drops TensorFlow's (and TFDS's) INFO/WARNING chatter from the absl log, keeps ours."""
+    """Drops TensorFlow's, TFDS's and TensorBoard's INFO/WARNING chatter from the absl log.
+
+    Ours stays. TensorBoard's event reader, which the report uses, logs a line
+    per events file it opens.
+    """
     tf.get_logger().setLevel("ERROR")
     logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= std_logging.ERROR or
-        f"{os.sep}tensorflow" not in record.pathname)
+        lambda record: record.levelno >= std_logging.ERROR or not any(
+            f"{os.sep}{package}" in record.pathname for package in ("tensorflow", "tensorboard")))
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
@@ -114,7 +118,7 @@ def run(body: Callable[[], str | None],
                 signals.phase = job
                 text = body()
         except stop_signals.Interrupted as stop:
-            print(f"error: {stop}", file=sys.stderr)
+            print_stop_error(str(stop))
             sys.exit(128 + stop.signum)
         except files.WriteError as error:
             _exit_on_refused_write(error)
@@ -135,6 +139,19 @@ def run(body: Callable[[], str | None],
 
 def _exit_on_refused_write(error: files.WriteError) -> NoReturn:
     """Reports a write the storage refused in one line, exit `STORAGE_FAILURE`."""
-    print(f"error: {error}; what was written before is intact: fix the storage and run the "
-          "same command again", file=sys.stderr)
+    print_stop_error(f"{error}; what was written before is intact: fix the storage and run "
+                     "the same command again")
     sys.exit(STORAGE_FAILURE)
+
+
+def print_stop_error(text: str) -> None:
+    """Prints `error: text` for a job stopped while it runs, on a line of its own.
+
+    A progress bar on a terminal keeps its line open until it completes; the
+    error line of a job stopped mid-bar (a signal, a refused write, a lost
+    worker) would otherwise be glued to the bar's metrics.
+    """
+    sys.stdout.flush()
+    if sys.stdout.isatty():
+        print()
+    print(f"error: {text}", file=sys.stderr)

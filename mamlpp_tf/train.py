@@ -83,10 +83,10 @@ def _train() -> str:
                              override_config=run_flags.FLAGS.override_config,
                              reporter=progress.reporter(terminal=sys.stdout.isatty()))
     except loop.NonFiniteUpdate as error:
-        print(f"error: {error}", file=sys.stderr)
+        cli.print_stop_error(str(error))
         sys.exit(3)
     except distribute.WorkerLost as error:
-        print(f"error: {error}", file=sys.stderr)
+        cli.print_stop_error(str(error))
         sys.exit(WORKER_LOST)
     return evaluation.format_results(results)
 
