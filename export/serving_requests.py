@@ -206,6 +206,9 @@ def serving_api(module: str, purpose: str = "gRPC requests") -> types.ModuleType
       module: Module of `tensorflow_serving.apis`, e.g. `"predict_pb2"`.
       purpose: What needs it, for the error message.
     """
+    # The protos import TensorFlow: mamlpp_tf loads it first with its start-up
+    # notices dropped (mamlpp_tf/__init__.py), so the client's output stays clean.
+    importlib.import_module("mamlpp_tf")
     try:
         return importlib.import_module(f"tensorflow_serving.apis.{module}")
     except ImportError as error:

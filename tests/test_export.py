@@ -1190,6 +1190,18 @@ def test_client_without_serving_api_names_the_install_command(exported):
         "tensorflow-serving-api ("), errors
 
 
+@needs_serving_api
+def test_grpc_client_to_an_unreachable_server_prints_one_line_and_no_tensorflow_notice(
+        exported):
+    """The gRPC path loads TensorFlow (the protos need it); its notices stay hidden."""
+    code, lines, _, stderr = run_client([
+        "--protocol=grpc", "--server=localhost:1", "--model_name=omniglot_5way_task",
+        f"--images={exported.query_files[0]}", "--timeout_s=5"])
+    errors = stderr.strip().splitlines()
+    assert code == 2 and not lines
+    assert len(errors) == 1 and errors[0].startswith("error: localhost:1: UNAVAILABLE"), errors
+
+
 @pytest.mark.parametrize("args,message", [
     (["--images=a.png", "--support=s", "--query=b.png"], "--support needs --query"),
     (["--query=b.png"], "give --images"),
