@@ -33,6 +33,7 @@ import collections
 from collections.abc import Mapping
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import struct
@@ -126,9 +127,12 @@ def prepare(zips_dir: str | os.PathLike, data_dir: str | os.PathLike) -> dict[st
             for key, name in ZIPS.items():
                 _unpack(os.path.join(zips_dir, f"{name}.zip"), key, images[key],
                         os.path.join(work, "unpacked"))
-            builder.download_and_prepare(
-                download_dir=os.path.join(work, "downloads"),
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            # TFDS prints that it downloads to, and prepared, the temporary
+            # directory: both untrue for the user here, who gets one line at the end.
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare(
+                    download_dir=os.path.join(work, "downloads"),
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
             if os.path.lexists(target):
                 raise ValueError(f"{target} appeared while Omniglot was being prepared: remove "
                                  f"it to prepare Omniglot again in {data_dir}")
@@ -322,6 +326,7 @@ def _define_flags() -> None:
 
 
 def _prepare_from_flags() -> str:
+    tfds.disable_progress_bar()  # Seconds of work: its bars would only clutter a log.
     zips_dir, data_dir = flags.FLAGS.zips, flags.FLAGS.data_dir
     counts = prepare(zips_dir, data_dir)
     splits = ", ".join(f"{split} {count}" for split, count in counts.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -100,20 +101,25 @@ def fake_counts(monkeypatch):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The fake zips prepared once: `(zips dir, data dir, split counts)`."""
+    """The fake zips prepared once: `(zips dir, data dir, split counts, its stdout)`."""
     root = tmp_path_factory.mktemp("prepared")
     zips = fake_zips(root / "zips")
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
         shrink_tfds_omniglot(monkeypatch)
         counts = prepare_omniglot.prepare(str(zips), str(root / "tfds"))
-    return zips, root / "tfds", counts
+    return zips, root / "tfds", counts, stdout.getvalue()
+
+
+def test_preparing_prints_nothing_of_tfds_downloads_or_temporary_paths(prepared):
+    assert prepared[3] == ""
 
 
 # --- The prepared data dir ------------------------------------------------------------------
 
 
 def test_prepared_dir_holds_the_tfds_records_of_the_zips(prepared, fake_counts):
-    _, data_dir, counts = prepared
+    _, data_dir, counts, _ = prepared
     assert counts == {split: 20 * sum(map(len, a.values())) for split, a in SPLITS.items()}
     assert sorted(os.listdir(data_dir)) == ["omniglot"]  # No temporary left.
     assert os.listdir(data_dir / "omniglot") == ["3.0.0"]
@@ -138,7 +144,7 @@ def test_prepared_dir_holds_the_tfds_records_of_the_zips(prepared, fake_counts):
 
 
 def test_repo_loader_loads_the_prepared_dir(prepared, fake_counts, tmp_path):
-    _, data_dir, _ = prepared
+    _, data_dir, _, _ = prepared
     names = {number: f"{alphabet}/character{c:02d}"
              for alphabet, numbers in (BACKGROUND | EVALUATION).items()
              for c, number in enumerate(numbers, 1)}
@@ -166,7 +172,7 @@ def test_repo_loader_loads_the_prepared_dir(prepared, fake_counts, tmp_path):
 
 
 def test_a_prepared_dir_is_refused_and_kept(prepared):
-    zips, data_dir, _ = prepared
+    zips, data_dir, _, _ = prepared
     before = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*")}
     target = data_dir / "omniglot" / "3.0.0"
     with pytest.raises(ValueError, match=f"^{re.escape(str(target))} already exists: remove"):
