@@ -1,4 +1,4 @@
-"""The fault table: signals and kills at random moments, lost workers, full disks.
+r"""The fault table: signals and kills at random moments, lost workers, full disks.
 
     python benchmarks/faults.py --work_dir=/tmp/faults            # the table in README
     python benchmarks/faults.py --work_dir=/tmp/faults --seed=3 --sigterm=4 --sigkill=4 \

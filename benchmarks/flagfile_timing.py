@@ -1,4 +1,4 @@
-"""Seconds per meta-iteration and per evaluation step of the learner a training flagfile builds.
+r"""Seconds per meta-iteration and per evaluation step of the learner a training flagfile builds.
 
 Run as its own process, it takes the training job's flags (a `--flagfile` of
 `flags/`, later flags overriding it), builds the job's learner and trainer

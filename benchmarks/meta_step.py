@@ -1,4 +1,4 @@
-"""Benchmark of one MAML++ meta-iteration at the paper's shapes, on synthetic tensors.
+r"""Benchmark of one MAML++ meta-iteration at the paper's shapes, on synthetic tensors.
 
 Times our TensorFlow code and, with --official_repo, the official PyTorch code
 (AntreasAntoniou/HowToTrainYourMAMLPytorch, run by `official_step.py`) on the

@@ -1,4 +1,4 @@
-"""One meta-iteration of the official PyTorch MAML++ code, timed like ours.
+r"""One meta-iteration of the official PyTorch MAML++ code, timed like ours.
 
 Runs `MAMLFewShotClassifier.run_train_iter` and `run_validation_iter` of the
 official code (AntreasAntoniou/HowToTrainYourMAMLPytorch) on the synthetic

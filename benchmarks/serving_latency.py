@@ -1,4 +1,4 @@
-"""Request latency of the exported task model and meta-model, run as TF Serving would.
+r"""Request latency of the exported task model and meta-model, run as TF Serving would.
 
 The TF Serving binary cannot be installed on these machines, so each
 SavedModel version is loaded the way the server loads it, in a fresh process

@@ -1,4 +1,4 @@
-"""Served accuracy of every batch-norm mode against `batch`'s reported, paired over test tasks.
+r"""Served accuracy of every batch-norm mode against `batch`'s reported, paired over test tasks.
 
 Trains the main job's shape (Omniglot 20-way 1-shot, `flags/omniglot.cfg`) and
 5-way 1-shot on real Omniglot with the paper split and second order, once per

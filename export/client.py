@@ -1,4 +1,4 @@
-"""A small client for the exported models served by TF Serving (REST or gRPC).
+r"""A small client for the exported models served by TF Serving (REST or gRPC).
 
     # task model: classify image files
     python -m mamlpp_tf_export.client --model_name=omniglot_5way_task --images=a.png,b.png

@@ -1,4 +1,4 @@
-"""Writes an exported model's inputs as `.npy` files from image files, for `saved_model_cli run`.
+r"""Writes an exported model's inputs as `.npy` files from image files, for `saved_model_cli run`.
 
     # meta-model: one task, from a support folder and query images
     python -m mamlpp_tf_export.npy_inputs --saved_model=BASE/NAME/VERSION \

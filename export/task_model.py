@@ -1,4 +1,4 @@
-"""Exports a task model: the run's network adapted to one support set, for TF Serving.
+r"""Exports a task model: the run's network adapted to one support set, for TF Serving.
 
     python -m mamlpp_tf_export.task_model --model_dir=RUN --support=FOLDER_OR_NPZ \
         --export_dir=BASE/NAME [--epoch=E] [--bn_stats=support|rn|tasknorm]

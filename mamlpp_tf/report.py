@@ -1,4 +1,4 @@
-"""Figures and a short report of what one or more runs learned.
+r"""Figures and a short report of what one or more runs learned.
 
     python -m mamlpp_tf.report --model_dir=runs/omniglot [--model_dir=runs/maml] \
         [--out=DIR]
