@@ -157,9 +157,11 @@ class _Loop:
     def train(self) -> None:
         """Meta-trains from the restored iteration to the last one.
 
-        A signal during a meta-step lets the step finish, checkpoints and
-        raises; during validation it raises at once (the epoch's end is
-        checkpointed already; a resume validates it again).
+        A signal while meta-training (during a meta-step or the fetch of the
+        next batch) lets the current step finish, checkpoints and raises, so
+        no step is lost whatever `--checkpoint_every`; during validation it
+        raises at once (the epoch's end is checkpointed already; a resume
+        validates it again).
 
         Raises:
           stop_signals.Interrupted: a signal stopped training.
@@ -174,13 +176,19 @@ class _Loop:
                                               self.run.train_tasks(self.iteration))
         signals = self.signals
         started = None
-        for batch in tasks:
+        batches = iter(tasks)
+        while True:
             epoch = self.iteration // self.per_epoch
-            if epoch != started:
-                self._start_epoch(epoch)
-                started = epoch
             signals.phase = f"meta-iteration {self.iteration + 1} (epoch {epoch})"
+            # From the next batch's fetch to the checkpoint: a signal between two
+            # meta-steps, too, is answered by a checkpoint of the steps done.
             with signals.deferred():
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                if epoch != started:
+                    self._start_epoch(epoch)
+                    started = epoch
                 self._step(batch, epoch)
                 # Every worker stops at the same iteration, after the same save.
                 stop = distribute.max_over_workers(self.run.strategy, signals.signum or 0)
