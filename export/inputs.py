@@ -19,7 +19,7 @@ import numpy as np
 from mamlpp_tf import files
 from mamlpp_tf_export import saved_models
 from mamlpp_tf_export.preprocessing import Preprocessing
-from mamlpp_tf_export.serving_requests import IMAGE_EXTENSIONS
+from mamlpp_tf_export.serving_requests import IMAGE_EXTENSIONS, is_image_file
 from mamlpp_tf_export.support import load_image, load_support
 
 
@@ -34,10 +34,9 @@ def image_files(entries: Sequence[str]) -> list[str]:
     found = []
     for entry in entries:
         if os.path.isdir(entry):
-            images = sorted(
-                os.path.join(entry, name) for name in os.listdir(entry)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-                and os.path.isfile(os.path.join(entry, name)))
+            images = sorted(path for path in (os.path.join(entry, name)
+                                              for name in os.listdir(entry))
+                            if is_image_file(path))
             if not images:
                 raise ValueError(f"folder {entry} has no images ({'/'.join(IMAGE_EXTENSIONS)})")
             found += images

@@ -51,6 +51,13 @@ class ServingError(RuntimeError):
     """The model server refused or failed a request; the message says why."""
 
 
+def is_image_file(path: str) -> bool:
+    """Whether `path` is an image a folder of images stands for: a PNG/JPEG file, not hidden."""
+    name = os.path.basename(path)
+    return (not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and
+            os.path.isfile(path))
+
+
 def class_folders(path: str) -> list[tuple[str, list[str]]]:
     """Lists `(class name, image paths)` of a support folder, classes sorted.
 
@@ -73,8 +80,7 @@ def class_folders(path: str) -> list[tuple[str, list[str]]]:
         files = []
         for file in sorted(os.listdir(folder)):
             file_path = os.path.join(folder, file)
-            if (not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS) and
-                    os.path.isfile(file_path)):
+            if is_image_file(file_path):
                 files.append(file_path)
             else:
                 skipped.append(f"{name}/{file}" + ("/" if os.path.isdir(file_path) else ""))
