@@ -54,7 +54,10 @@ jit_compile and compute_dtype):
   train_gflops, eval_gflops: FLOPs over the median; train_fraction_of_peak,
     eval_fraction_of_peak: those over peak_gflops.
   train_convolution_op_s, train_matmul_op_s, train_other_op_s (ours, with
-    --profile): op seconds by kind in one profiled step, summed over threads.
+    --profile): op seconds by kind in one profiled step, summed over threads;
+    train_other_op_s_by_type: the largest op types of "other" (the
+    memory-bound half: batch norm's arithmetic, pooling, activations,
+    copies), seconds each, the rest under "(rest)".
 Our lines measured side by side also carry: official_train_median_s,
 official_eval_median_s and official_peak_rss_mb (the same round's official
 line), speedup_vs_official and eval_speedup_vs_official (official median /
@@ -211,9 +214,9 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
     record.update(efficiency(trainer, batch, record, first_order))
     if FLAGS.profile:
         import op_profile  # pylint: disable=import-outside-toplevel
-        seconds = op_profile.op_seconds(train)
-        record.update({f"train_{kind}_op_s": round(value, 4)
-                       for kind, value in seconds.items()})
+        profile = op_profile.split(op_profile.op_type_seconds(train))
+        record["train_other_op_s_by_type"] = profile.pop("other_by_type")
+        record.update({f"train_{kind}_op_s": value for kind, value in profile.items()})
     return record
 
 

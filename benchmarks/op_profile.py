@@ -33,8 +33,19 @@ def _op_type(event_name: str) -> str | None:
     return event_name.rsplit(":", 1)[1]
 
 
+def _base_type(op_type: str) -> str:
+    """The op type without oneDNN's and Grappler's prefixes (`_MklNativeFusedConv2D` → `Conv2D`).
+
+    Grappler's remapper fuses a convolution with its bias add (`_FusedConv2D`,
+    oneDNN's `_MklNativeFusedConv2D`); the product dominates such an op, so
+    it counts as a convolution.
+    """
+    base = op_type.removeprefix("_MklNative").removeprefix("_Mkl")
+    return base.removeprefix("_Fused").removeprefix("Fused")
+
+
 def _kind(op_type: str) -> str:
-    base = op_type.removeprefix("_MklNative").removeprefix("_Mkl").removeprefix("_Fused")
+    base = _base_type(op_type)
     if base in CONVOLUTIONS or base.startswith("Conv2D"):
         return "convolution"
     if base in MATMULS or base.startswith("MatMul"):
@@ -42,19 +53,45 @@ def _kind(op_type: str) -> str:
     return "other"
 
 
-def op_seconds(step: Callable[[], None]) -> dict[str, float]:
-    """Seconds of op execution by kind during one call of `step`.
+def split(by_type: dict[str, float], top: int = 8) -> dict:
+    """The profile split of `op_type_seconds`: seconds by kind and the largest "other" types.
 
-    Summed over the executor's threads, so with inter-op parallelism the
-    total may exceed the call's wall time; the shares are what matter.
+    Args:
+      by_type: Op seconds by op type.
+      top: How many op types of "other" to list by name; the rest are summed
+        under `"(rest)"`.
+
+    Returns:
+      `{"convolution": s, "matmul": s, "other": s, "other_by_type": {type: s}}`,
+      seconds rounded to 0.1 ms, the types largest first.
+    """
+    seconds = {"convolution": 0.0, "matmul": 0.0, "other": 0.0}
+    others = collections.Counter()
+    for op_type, value in by_type.items():
+        kind = _kind(op_type)
+        seconds[kind] += value
+        if kind == "other":
+            others[_base_type(op_type)] += value
+    listed = dict(others.most_common(top))
+    rest = sum(others.values()) - sum(listed.values())
+    if rest > 0:
+        listed["(rest)"] = rest
+    result = {kind: round(value, 4) for kind, value in seconds.items()}
+    result["other_by_type"] = {name: round(value, 4) for name, value in listed.items()}
+    return result
+
+
+def op_type_seconds(step: Callable[[], None]) -> dict[str, float]:
+    """Seconds of op execution by op type during one call of `step`.
 
     Args:
       step: Runs one (already traced and warmed-up) step to completion.
 
     Returns:
-      `{"convolution": s, "matmul": s, "other": s}`.
+      `{op type: seconds}` summed over the executor's threads, op types as
+      the runtime names them (oneDNN's `_MklNative…` included).
     """
-    seconds = collections.Counter({"convolution": 0.0, "matmul": 0.0, "other": 0.0})
+    seconds = collections.Counter()
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         try:
@@ -71,5 +108,5 @@ def op_seconds(step: Callable[[], None]) -> dict[str, float]:
                     for event in line.events:
                         op_type = _op_type(names.get(event.metadata_id, ""))
                         if op_type is not None:
-                            seconds[_kind(op_type)] += event.duration_ps * 1e-12
+                            seconds[op_type] += event.duration_ps * 1e-12
     return dict(seconds)
