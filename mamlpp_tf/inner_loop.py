@@ -45,6 +45,7 @@ from mamlpp_tf.nets import (
     BatchMoments,
     build_backbone,
     check_backbone,
+    differentiated_twice,
     has_task_batched_pass,
 )
 from mamlpp_tf.nets.base import has_body_head_split, head_names
@@ -223,7 +224,8 @@ class InnerLoop:
         adapted = {name: params[name] for name in self.adapted}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(list(adapted.values()))
-            logits, moments = passes("support", support_x, params, row, training)
+            with differentiated_twice(second_order):
+                logits, moments = passes("support", support_x, params, row, training)
             # Per-task losses are independent, so the gradient of their sum
             # is each task's own gradient.
             support_loss = tf.reduce_sum(cross_entropy(support_y, logits))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mamlpp_tf.nets import PerStepBatchNorm
+from mamlpp_tf.nets import PerStepBatchNorm, differentiated_twice
 from mamlpp_tf.update_rules import PerStepLearningRates
 
 
@@ -238,3 +238,103 @@ def test_lslr_shapes_init_and_update_rule():
 def test_frozen_lslr_has_no_trainable_variables():
     lslr = PerStepLearningRates(["w"], num_steps=2, trainable=False)
     assert not lslr.trainable_variables and len(lslr.non_trainable_variables) == 1
+
+
+def _plain_batch_norm(x, gamma, beta, axes):
+    """Batch norm from TensorFlow's own derivatives of the forward ops: the independent reference."""
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + 1e-5) * gamma + beta
+
+
+def _second_order(normalize, x, gamma, beta, weights, axes):
+    """Values, first derivatives and a second-order derivative of a batch-norm pass (traced).
+
+    `normalize` is `_plain_batch_norm` (gamma and beta tensors) or a
+    `PerStepBatchNorm` with one step, which takes them from its variables.
+    """
+    layer = normalize if isinstance(normalize, PerStepBatchNorm) else None
+    if layer is not None:
+        layer.build((None, x.shape[-1]))
+        layer.gamma.assign(gamma[None])
+        layer.beta.assign(beta[None])
+        gamma, beta = layer.gamma.value, layer.beta.value  # The tf.Variables.
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as outer:
+            outer.watch([x, gamma, beta])
+            with tf.GradientTape() as inner:
+                inner.watch([x, gamma, beta])
+                y = (layer.normalize(x, step=0, training=True, axes=axes)[0] if layer else
+                     normalize(x, gamma, beta, axes))
+                loss = tf.reduce_sum(tf.sin(y) * weights)
+            grads = inner.gradient(loss, [x, gamma, beta])
+            # Every first derivative feeds the outer objective, as the inner
+            # loop's gradients feed the meta-loss.
+            objective = (tf.reduce_sum(grads[0]**2 * weights) + tf.reduce_sum(grads[1]**3) +
+                         tf.reduce_sum(grads[2]**3))
+        return [loss] + grads + outer.gradient(objective, [x, gamma, beta])
+
+    return [np.reshape(value.numpy(), np.shape(want)) for value, want in
+            zip(run(), [0.0, x, beta, beta, x, beta, beta])]
+
+
+@pytest.mark.parametrize("shape,axes", [((6, 5, 5, 4), (0, 1, 2)),
+                                        ((3, 4, 5, 5, 4), (1, 2, 3))])
+@pytest.mark.parametrize("twice", [False, True])
+def test_batch_norm_gradients_equal_autodiff_to_second_order(shape, axes, twice):
+    # The layer's hand-derived (and, in float32, fused) gradients against
+    # TensorFlow's derivatives of the plain forward ops, in float64, and in
+    # float32 against the float64 reference to float32 rounding.
+    rng = np.random.RandomState(3)
+    arrays = (rng.randn(*shape) * 2 + 1, rng.rand(shape[-1]) + 0.5, rng.randn(shape[-1]),
+              rng.randn(*shape))
+    reference = _second_order(_plain_batch_norm, *map(tf.constant, arrays), axes)
+    with differentiated_twice(twice):
+        exact = _second_order(PerStepBatchNorm(1, dtype="float64"),
+                              *map(tf.constant, arrays), axes)
+        rounded = _second_order(PerStepBatchNorm(1, dtype="float32"),
+                                *(tf.constant(a, tf.float32) for a in arrays), axes)
+    for want, got64, got32 in zip(reference, exact, rounded):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got64 - want)) <= 1e-12 * scale
+        assert np.max(np.abs(got32 - want)) <= 2e-5 * scale
+
+
+def _traced_op_types(x):
+    layer = PerStepBatchNorm(1, dtype=x.dtype.name)
+    layer.build((None, x.shape[-1]))
+
+    @tf.function
+    def gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            axes = (1, 2, 3) if x.shape.rank == 5 else None
+            loss = tf.reduce_sum(layer(x, step=0, training=True, axes=axes)**2)
+        return tape.gradient(loss, x)
+
+    return {op.type for op in gradient.get_concrete_function().graph.get_operations()}
+
+
+def test_fused_kernels_serve_passes_differentiated_once_only():
+    x = tf.random.stateless_normal((4, 3, 3, 2), seed=(0, 1))
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= _traced_op_types(x)
+    with differentiated_twice():
+        with differentiated_twice(False):
+            assert "FusedBatchNormV3" in _traced_op_types(x)
+        twice = _traced_op_types(x)  # The outer setting is back.
+    assert not any(op.startswith("FusedBatchNorm") for op in twice)
+    # No fused kernels in float64 (none on CPU) or for a task-batched pass.
+    for other in (tf.cast(x, tf.float64), x[None]):
+        assert not any(op.startswith("FusedBatchNorm") for op in _traced_op_types(other))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batch_norm_moments_are_the_biased_batch_moments(dtype):
+    x = np.random.RandomState(4).randn(6, 5, 5, 3) * 3 + 2
+    layer = PerStepBatchNorm(3, dtype=dtype)
+    layer.build((None, 5, 5, 3))
+    _, mean, variance = layer.normalize(tf.constant(x, dtype), step=1, training=True)
+    np.testing.assert_allclose(mean.numpy(), x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(variance.numpy(), x.var(axis=(0, 1, 2)), rtol=1e-5)

@@ -24,6 +24,7 @@ from mamlpp_tf.nets.layers import (
     CONTEXT_BN_STATS,
     TASKNORM_ALPHAS,
     PerStepBatchNorm,
+    differentiated_twice,
 )
 from mamlpp_tf.nets.mlp import MLPBackbone
 from mamlpp_tf.nets.registry import backbone_names, build_backbone, register_backbone
@@ -45,6 +46,7 @@ __all__ = [
     "backbone_names",
     "build_backbone",
     "check_backbone",
+    "differentiated_twice",
     "has_task_batched_pass",
     "register_backbone",
 ]

@@ -9,7 +9,9 @@ running statistics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -50,6 +52,199 @@ def batch_moments(x: tf.Tensor, axes: Sequence[int]
     centred = x - mean
     variance = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
     return mean, variance, centred
+
+
+def standardize(x: tf.Tensor, axes: Sequence[int], epsilon: float
+                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Batch moments of `x` over `axes` for normalisation, with a hand-derived gradient.
+
+    The forward ops are `batch_moments`' and `rsqrt(variance + ε)`. The
+    gradient, from `centred = x - mean` and `var = mean(centred²)` (whose
+    own gradient has no mean term, as `Σ centred = 0`), is
+
+        dx = dcentred - mean(dcentred) + dmean/n
+             + centred · (2/n)·(dvar - inv_std³·dinv_std/2)
+
+    (one reduction and three activation-sized operations, where
+    TensorFlow's derivative of the forward ops broadcasts the mean and the
+    variance gradients with `Tile` and differentiates the square). It is
+    written in differentiable ops of `x`'s outputs here, so higher orders
+    stay exact. The second-order meta-gradient reaches this gradient when it
+    differentiates `normalize_with_batch_statistics`' own gradient.
+
+    Args:
+        x: Activations `[..., C]`.
+        axes: Axes to reduce.
+        epsilon: Added to the variance before the square root.
+
+    Returns:
+        `(mean, variance, centred, inv_std)`: `mean`, the biased `variance`
+        and `inv_std = rsqrt(variance + ε)` keep the reduced axes (size 1);
+        `centred = x - mean`.
+    """
+    axes = tuple(axes)
+    count = _count(x, axes)
+
+    outputs = []  # The op's own outputs, which the gradient reads (exact at any order).
+
+    @tf.custom_gradient
+    def moments(x):
+        mean, variance, centred = batch_moments(x, axes)
+        inv_std = tf.math.rsqrt(variance + epsilon)
+
+        def gradient(dmean, dvariance, dcentred, dinv_std):
+            _, _, centred, inv_std = outputs
+            n = tf.cast(count, centred.dtype)
+            shift = -tf.reduce_mean(dcentred, axis=axes, keepdims=True) + dmean / n
+            slope = 2.0 / n * (dvariance - 0.5 * inv_std * tf.square(inv_std) * dinv_std)
+            return dcentred + (centred * slope + shift)
+
+        return (mean, variance, centred, inv_std), gradient
+
+    outputs.extend(moments(x))
+    return tuple(outputs)
+
+
+def normalize_with_batch_statistics(centred: tf.Tensor, inv_std: tf.Tensor,
+                                    gamma: tf.Tensor, beta: tf.Tensor, x: tf.Tensor,
+                                    axes: Sequence[int]) -> tf.Tensor:
+    """`centred · inv_std · gamma + beta`, with batch norm's gradient derived by hand.
+
+    `centred = x - mean(x)` and `inv_std = rsqrt(var(x) + ε)` are `x`'s own
+    moments over `axes` (`standardize`). The gradient with respect to `x` is
+    batch norm's closed form (Ioffe & Szegedy, 2015),
+
+        dx = s·dy - s·mean(dy) - centred · s·inv_std²·mean(dy·centred),
+        s = gamma·inv_std,
+
+    which takes two reductions (`Σdy`, `Σdy·centred`, shared with the
+    gradients of gamma and beta) and four activation-sized operations, where
+    TensorFlow's own derivative of the forward ops broadcasts and accumulates
+    more activation-sized tensors. The expression is written in
+    differentiable ops of this function's inputs, which an outer tape has
+    recorded as functions of `x`, so an outer tape differentiates it exactly:
+    the second-order meta-gradient is unchanged (float64 checks in
+    tests/test_layers.py and tests/test_meta_gradients.py). No gradient flows
+    through the `centred` and `inv_std` arguments themselves: the `x`
+    gradient already accounts for the moments.
+
+    Args:
+        centred: `x - mean(x)` over `axes`.
+        inv_std: `rsqrt(var(x) + ε)`, the reduced axes kept.
+        gamma: Scale, broadcastable to `x` (e.g. `[C]`).
+        beta: Shift, broadcastable to `x`.
+        x: Activations `[..., C]` whose moments these are.
+        axes: The axes the moments reduce.
+
+    Returns:
+        The normalised, scaled and shifted `x`.
+    """
+    axes = tuple(axes)
+    count = _count(x, axes)
+    gamma_axes = tuple(range(x.shape.rank - gamma.shape.rank))
+    beta_axes = tuple(range(x.shape.rank - beta.shape.rank))
+
+    @tf.custom_gradient
+    def scale_and_shift(centred, inv_std, gamma, beta, x):
+        del x  # An input only so that its gradient is defined here.
+
+        def gradient(dy):
+            n = tf.cast(count, dy.dtype)
+            scale = inv_std * gamma
+            sum_dy = tf.reduce_sum(dy, axis=axes, keepdims=True)
+            sum_dy_centred = tf.reduce_sum(dy * centred, axis=axes, keepdims=True)
+            dx = (dy * scale - scale * sum_dy / n -
+                  centred * (scale * tf.square(inv_std) * sum_dy_centred / n))
+            dgamma = tf.reduce_sum(sum_dy_centred * inv_std, axis=gamma_axes)
+            dbeta = tf.reduce_sum(sum_dy, axis=beta_axes)
+            return None, None, dgamma, dbeta, dx
+
+        # Scale and gamma meet at the statistics' size before touching `x`.
+        return centred * (inv_std * gamma) + beta, gradient
+
+    return scale_and_shift(centred, inv_std, gamma, beta, x)
+
+
+# Dtypes whose batch-statistics passes may run TensorFlow's fused batch-norm kernels.
+FUSED_DTYPES = (tf.float32,)
+_TWICE_DIFFERENTIATED = threading.local()
+
+
+@contextlib.contextmanager
+def differentiated_twice(enabled: bool = True) -> Iterator[None]:
+    """Marks the passes traced inside as ones whose gradient is differentiated again.
+
+    An inner-loop support pass under second-order MAML is such a pass: the
+    outer tape differentiates its gradient. Batch norm then uses its
+    hand-derived gradients (`standardize`, `normalize_with_batch_statistics`)
+    instead of the fused kernels, whose own derivative
+    (`nn_grad._FusedBatchNormGradGradV3`) recomputes the backward pass under
+    a tape and raised peak memory above the unfused graph's (the figures are
+    in benchmarks/README.md). Every other pass (query passes, first-order
+    support passes, evaluation) is differentiated at most once and may run
+    fused. The setting is read when a pass is traced, in this thread.
+
+    Args:
+        enabled: Whether the passes inside are differentiated twice.
+
+    Yields:
+        Nothing; the previous setting is restored on exit.
+    """
+    previous = getattr(_TWICE_DIFFERENTIATED, "value", False)
+    _TWICE_DIFFERENTIATED.value = enabled
+    try:
+        yield
+    finally:
+        _TWICE_DIFFERENTIATED.value = previous
+
+
+def fused_batch_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
+                     axes: Sequence[int], epsilon: float
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor] | None:
+    """Batch norm by the pass's own statistics in fused kernels, or None where they don't pay.
+
+    `FusedBatchNormV3` normalises, and `FusedBatchNormGradV3` differentiates,
+    each in one kernel (oneDNN's on CPU, cuDNN's on GPU) instead of a chain of
+    activation-sized elementwise ops and reductions. TensorFlow's gradient of
+    `FusedBatchNormGradV3` is exact, the mean's dependence on `x` included,
+    so even a twice-differentiated pass agrees with the float64 path to
+    float32 rounding (tests/test_layers.py); such passes still take the
+    unfused path for memory (`differentiated_twice`). The kernels exist for
+    float32 but not float64 on CPU, and take `[N, H, W, C]` with statistics
+    over N, H, W. A task-batched pass (`[T, B, H, W, C]`, axes (1, 2, 3))
+    would need one kernel per task: that traced slower and gained nothing
+    measurable, so it stays unfused.
+
+    Args:
+        x: Activations.
+        gamma: Scale `[C]`.
+        beta: Shift `[C]`.
+        axes: The axes the statistics reduce.
+        epsilon: Added to the variance before the square root.
+
+    Returns:
+        `(normalised, mean [C], biased variance [C])`, or None for a pass
+        inside `differentiated_twice`, a dtype not in `FUSED_DTYPES` or
+        another layout.
+    """
+    if (getattr(_TWICE_DIFFERENTIATED, "value", False) or x.dtype not in FUSED_DTYPES or
+            gamma.shape.rank != 1 or x.shape.rank != 4 or tuple(axes) != (0, 1, 2)):
+        return None
+    empty = tf.zeros([0], x.dtype)  # No population statistics in training mode.
+    normalised, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    count = tf.cast(_count(x, axes), unbiased.dtype)
+    # The kernel reports the unbiased variance; the moments here are biased.
+    return normalised, mean, unbiased * ((count - 1.0) / count)
+
+
+def _count(x: tf.Tensor, axes: Sequence[int]) -> int | tf.Tensor:
+    """Elements of `x` each statistic over `axes` is computed from."""
+    count = 1
+    for axis in axes:
+        count *= _size(x, axis)
+    return count
 
 
 def leading_rows(x: tf.Tensor, axis: int, rows: int | tf.Tensor) -> tf.Tensor:
@@ -297,10 +492,20 @@ class PerStepBatchNorm(keras.layers.Layer):
         """
         axes = tuple(range(x.shape.rank - 1)) if axes is None else tuple(axes)
         gamma, beta = self._row(self.gamma, step), self._row(self.beta, step)
-        sample = x if context is None else leading_rows(x, axes[0], context)
-        mean, variance, centred = batch_moments(sample, axes)
-        moments = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
         stored = not training and (self.bn_stats == "running" or self.context_size is not None)
+        if context is None and not stored and self.bn_stats != "tasknorm":
+            # Every image of the pass by the pass's own statistics: fused
+            # kernels, else the hand-derived gradients (`standardize`,
+            # `normalize_with_batch_statistics`).
+            fused = fused_batch_norm(x, gamma, beta, axes, self.epsilon)
+            if fused is not None:
+                return fused
+            mean, variance, centred, inv_std = standardize(x, axes, self.epsilon)
+            normalised = normalize_with_batch_statistics(centred, inv_std, gamma, beta, x, axes)
+            return normalised, tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        sample = x if context is None else leading_rows(x, axes[0], context)
+        mean, variance, _ = batch_moments(sample, axes)
+        moments = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
         if stored:
             mean = self._row(self.running_mean, step)
             variance = self._row(self.running_var, step)
@@ -322,10 +527,8 @@ class PerStepBatchNorm(keras.layers.Layer):
                 pooled_mean = tf.where(is_context, mean, pooled_mean)
                 pooled_variance = tf.where(is_context, variance, pooled_variance)
             mean, variance = pooled_mean, pooled_variance
-        if context is not None or stored or blended:
-            centred = x - mean
         # Scale and gamma meet at the statistics' size before touching `x`.
-        normalised = centred * (tf.math.rsqrt(variance + self.epsilon) * gamma) + beta
+        normalised = (x - mean) * (tf.math.rsqrt(variance + self.epsilon) * gamma) + beta
         return (normalised,) + moments
 
     def _blend(self, x: tf.Tensor, axes: Sequence[int], context_size: int | tf.Tensor,
