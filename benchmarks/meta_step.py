@@ -114,6 +114,14 @@ flags.DEFINE_string("official_repo", None, "Checkout of the official PyTorch cod
                     "side by side with ours.")
 flags.DEFINE_integer("rounds", 1, "Rounds of ours + official per case (with --official_repo).",
                      lower_bound=1)
+flags.DEFINE_string("baseline_repo", None, "A checkout of another version of mamlpp_tf (e.g. "
+                    "`git worktree add /tmp/base <commit>`): its configurations run in the "
+                    "same rounds as ours, timed and profiled by this script, so that a change "
+                    "is measured side by side.")
+flags.DEFINE_string("code_dir", None, "Import mamlpp_tf from this checkout (used by the "
+                    "driver for --baseline_repo).")
+flags.DEFINE_bool("table", False, "After the JSON lines, print a Markdown table of the "
+                  "records: speed, the profile split and memory.")
 flags.register_validator("cases", lambda v: set(v) <= set(CASES),
                          f"--cases: choose from {list(CASES)}.")
 flags.register_validator("impl", lambda v: set(v) <= {"loop", "batched", "auto"},
@@ -207,8 +215,12 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
 
     timings = timing.time_case(train, lambda: trainer.eval_step(batch)["loss"].numpy(), steps,
                                max_foreign_cpu)
+    import mamlpp_tf  # pylint: disable=import-outside-toplevel
+
     record = make_record("mamlpp_tf", name, timings, not first_order, impl=impl,
                          jit_compile=jit_compile, compute_dtype=compute_dtype,
+                         checkout="baseline" if FLAGS.code_dir else "current",
+                         commit=_commit(os.path.dirname(os.path.dirname(mamlpp_tf.__file__))),
                          device=tf.config.list_logical_devices()[-1].device_type,
                          tf=tf.__version__)
     record.update(efficiency(trainer, batch, record, first_order))
@@ -218,6 +230,18 @@ def _run_ours(name: str, impl: str, jit_compile: bool, compute_dtype: str, steps
         record["train_other_op_s_by_type"] = profile.pop("other_by_type")
         record.update({f"train_{kind}_op_s": value for kind, value in profile.items()})
     return record
+
+
+def _commit(directory: str) -> str | None:
+    """The git commit checked out in `directory` (with "+changes" if it has any), or None."""
+    def git(*args):
+        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def efficiency(trainer, batch, record: dict, first_order: bool) -> dict:
@@ -336,40 +360,123 @@ def official_efficiency(name: str, official: dict, records: list[dict]) -> dict:
     return keys
 
 
+def compare_with_baseline(ours: dict, baseline: dict) -> dict:
+    """The keys our record gains from the same round's baseline record of its configuration.
+
+    Args:
+      ours: Our record of one configuration.
+      baseline: The baseline checkout's record of the same configuration.
+
+    Returns:
+      baseline_* figures, `speedup_vs_baseline` (baseline median / ours) and
+      `other_op_s_vs_baseline` (our "other" op seconds over the baseline's:
+      the share of the memory-bound half that is left).
+    """
+    other, base_other = ours.get("train_other_op_s"), baseline.get("train_other_op_s")
+    return dict(baseline_commit=baseline.get("commit"),
+                baseline_train_median_s=baseline.get("train_median_s"),
+                baseline_other_op_s=base_other,
+                baseline_peak_rss_mb=baseline.get("peak_rss_mb"),
+                baseline_trace_and_first_step_s=baseline.get("trace_and_first_step_s"),
+                speedup_vs_baseline=_ratio(baseline.get("train_median_s"),
+                                           ours.get("train_median_s")),
+                other_op_s_vs_baseline=(None if other is None or not base_other else
+                                        round(other / base_other, 3)))
+
+
 def _run_round(name: str, round_index: int) -> list[dict]:
-    """Our configurations of case `name` and, with --official_repo, one official run."""
-    jobs = [("ours", impl, (jit == "on", dtype)) for dtype in FLAGS.compute_dtype
-            for jit in FLAGS.jit_compile for impl in FLAGS.impl]
+    """One round of case `name`: our configurations, and the baseline's and the official run's.
+
+    The baseline checkout's configurations run with --baseline_repo, one
+    official run with --official_repo; odd rounds run the jobs in reverse
+    order, so drift in the machine's speed hits every side alike.
+    """
+    checkouts = [None] + ([FLAGS.baseline_repo] if FLAGS.baseline_repo else [])
+    jobs = [("ours", impl, (jit == "on", dtype), code_dir) for dtype in FLAGS.compute_dtype
+            for jit in FLAGS.jit_compile for impl in FLAGS.impl for code_dir in checkouts]
     if FLAGS.official_repo:
-        official_job = ("official", None, None)
-        jobs = [official_job] + jobs if round_index % 2 else jobs + [official_job]
+        jobs.append(("official", None, None, None))
+    if round_index % 2:
+        jobs.reverse()
     records = []
-    for code, impl, setting in jobs:
+    for code, impl, setting, code_dir in jobs:
         if code == "official":
             records.append(_spawn([_OFFICIAL_SCRIPT, f"--official_repo={FLAGS.official_repo}"],
                                   dict(code="official", case=name)))
         else:
             jit, dtype = setting
-            records.append(_spawn([os.path.abspath(__file__), "--in_process", f"--impl={impl}",
-                                   f"--jit_compile={'on' if jit else 'off'}",
-                                   f"--compute_dtype={dtype}", f"--profile={FLAGS.profile}"],
-                                  dict(code="mamlpp_tf", case=name, impl=impl,
-                                       jit_compile=jit, compute_dtype=dtype)))
+            command = [os.path.abspath(__file__), "--in_process", f"--impl={impl}",
+                       f"--jit_compile={'on' if jit else 'off'}", f"--compute_dtype={dtype}",
+                       f"--profile={FLAGS.profile}"]
+            if code_dir:
+                command.append(f"--code_dir={os.path.abspath(code_dir)}")
+            records.append(_spawn(command, dict(code="mamlpp_tf", case=name, impl=impl,
+                                                jit_compile=jit, compute_dtype=dtype,
+                                                checkout="baseline" if code_dir else
+                                                "current")))
     official = [r for r in records if r.get("code") == "official"]
     for record in official:
         record.update(official_efficiency(name, record, records))
+    baselines = {_configuration(r): r for r in records if r.get("checkout") == "baseline"}
     for record in records:
         if FLAGS.rounds > 1:
             record["round"] = round_index
         if official and record.get("code") != "official":
             record.update(compare_with_official(record, official[0]))
+        if record.get("checkout") == "current" and _configuration(record) in baselines:
+            record.update(compare_with_baseline(record, baselines[_configuration(record)]))
     return records
+
+
+def _configuration(record: dict) -> tuple:
+    return tuple(record.get(key) for key in ("case", "impl", "jit_compile", "compute_dtype"))
+
+
+def _seconds(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The records as a Markdown table: speed, the profile split and memory.
+
+    One row per record, in order. "other" is the memory-bound half's op
+    seconds (everything but convolutions and matmuls), followed by its three
+    largest op types; ratios to the official code and to the baseline come
+    from the same round.
+    """
+    header = ("| case | code | s/iter | vs official | vs baseline | conv op-s | other op-s "
+              "| other vs baseline | largest other | trace + 1st (s) | peak RSS (MB) |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in records:
+        if r.get("code") == "official":
+            code = "official (PyTorch)"
+        else:
+            code = (f"mamlpp_tf {r.get('checkout', 'current')} {r.get('commit') or ''}, "
+                    f"{r.get('impl')}, {r.get('compute_dtype')}"
+                    + (", XLA" if r.get("jit_compile") else ""))
+        largest = ", ".join(f"{kind} {value:.2f}" for kind, value in
+                            list((r.get("train_other_op_s_by_type") or {}).items())[:3])
+        lines.append(
+            f"| {r.get('case')} | {code} | {_seconds(r.get('train_median_s'))} "
+            f"| {_times(r.get('speedup_vs_official'))} | {_times(r.get('speedup_vs_baseline'))} "
+            f"| {_seconds(r.get('train_convolution_op_s'), 2)} "
+            f"| {_seconds(r.get('train_other_op_s'), 2)} "
+            f"| {_seconds(r.get('other_op_s_vs_baseline'), 2)} | {largest or '–'} "
+            f"| {_seconds(r.get('trace_and_first_step_s'), 1)} | {r.get('peak_rss_mb', '–')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     """Times each `--cases` meta-step (in subprocess rounds or in-process) as JSON lines."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.code_dir:
+        sys.path.insert(0, os.path.abspath(FLAGS.code_dir))
+    printed = []
     for name in FLAGS.cases:
         if FLAGS.in_process:
             for dtype in FLAGS.compute_dtype:
@@ -382,6 +489,9 @@ def main(argv: list[str]) -> None:
         for round_index in range(FLAGS.rounds):
             for record in _run_round(name, round_index):
                 print(json.dumps(record), flush=True)
+                printed.append(record)
+    if FLAGS.table and printed:
+        print(markdown_table(printed))
 
 
 if __name__ == "__main__":
