@@ -38,7 +38,9 @@ def batch_moments(x: tf.Tensor, axes: Sequence[int]
     second-order MAML needs wrong. Computing `mean(square(x - mean))` keeps the
     whole dependency in the graph. The centred input is returned so that
     normalisation reuses it: one full-size tensor instead of two, in the
-    forward pass and in what the gradients keep.
+    forward pass and in what the gradients keep. TensorFlow differentiates
+    these ops itself; `standardize` is the same computation with a
+    hand-derived gradient.
 
     Args:
         x: Input tensor.
