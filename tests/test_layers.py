@@ -241,7 +241,7 @@ def test_frozen_lslr_has_no_trainable_variables():
 
 
 def _plain_batch_norm(x, gamma, beta, axes):
-    """Batch norm from TensorFlow's own derivatives of the forward ops: the independent reference."""
+    """Batch norm that TensorFlow differentiates itself: the independent reference."""
     mean = tf.reduce_mean(x, axis=axes, keepdims=True)
     variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
     return (x - mean) * tf.math.rsqrt(variance + 1e-5) * gamma + beta
