@@ -191,8 +191,11 @@ def meta_archive(learner: MamlPlusPlus,
         support_labels = _checked(support_labels, [None, None])
         checks = _task_checks(support_images, support_labels, query_images, config.n_way)
         with tf.control_dependencies(checks):
-            tasks = (tf.cast(support_images, config.dtype), tf.identity(support_labels),
-                     tf.cast(query_images, config.dtype))
+            # `identity` after the cast: a cast to the same dtype creates no op,
+            # and the computation must not start before the checks have passed.
+            tasks = (tf.identity(tf.cast(support_images, config.dtype)),
+                     tf.identity(support_labels),
+                     tf.identity(tf.cast(query_images, config.dtype)))
         # Tasks one after another (a while loop): each one's computation is the
         # library's single-task one, unchanged by what else the batch holds.
         logits = tf.map_fn(adapt_and_predict,

@@ -303,18 +303,19 @@ def test_batch_norm_gradients_equal_autodiff_to_second_order(shape, axes, twice)
 
 
 def _traced_op_types(x):
+    """Op types of a traced batch-norm gradient of `x`."""
     layer = PerStepBatchNorm(1, dtype=x.dtype.name)
     layer.build((None, x.shape[-1]))
 
     @tf.function
-    def gradient():
+    def gradient(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             axes = (1, 2, 3) if x.shape.rank == 5 else None
             loss = tf.reduce_sum(layer(x, step=0, training=True, axes=axes)**2)
         return tape.gradient(loss, x)
 
-    return {op.type for op in gradient.get_concrete_function().graph.get_operations()}
+    return {op.type for op in gradient.get_concrete_function(x).graph.get_operations()}
 
 
 def test_fused_kernels_serve_passes_differentiated_once_only():
@@ -325,9 +326,22 @@ def test_fused_kernels_serve_passes_differentiated_once_only():
             assert "FusedBatchNormV3" in _traced_op_types(x)
         twice = _traced_op_types(x)  # The outer setting is back.
     assert not any(op.startswith("FusedBatchNorm") for op in twice)
-    # No fused kernels in float64 (none on CPU) or for a task-batched pass.
+    # No fused kernels in float64 (none on CPU), for a task-batched pass, or
+    # for a batch unknown when traced (oneDNN's kernel fails on an empty one).
     for other in (tf.cast(x, tf.float64), x[None]):
         assert not any(op.startswith("FusedBatchNorm") for op in _traced_op_types(other))
+
+def test_a_batch_unknown_when_traced_runs_fused_unless_it_is_empty():
+    # A serving signature's batch: oneDNN's fused kernel fails on an empty
+    # one, so the size is checked when the pass runs.
+    layer = PerStepBatchNorm(1)
+    layer.build((None, 2))
+    normalize = tf.function(lambda x: layer.normalize(x, step=0, training=True),
+                            input_signature=[tf.TensorSpec([None, 3, 3, 2], tf.float32)])
+    x = tf.random.stateless_normal((4, 3, 3, 2), seed=(0, 2))
+    for got, want in zip(normalize(x), layer.normalize(x, step=0, training=True)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())  # The same kernel.
+    assert normalize(x[:0])[0].shape == (0, 3, 3, 2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -179,7 +179,7 @@ def differentiated_twice(enabled: bool = True) -> Iterator[None]:
     An inner-loop support pass under second-order MAML is such a pass: the
     outer tape differentiates its gradient. Batch norm then uses its
     hand-derived gradients (`standardize`, `normalize_with_batch_statistics`)
-    instead of the fused kernels, whose own derivative
+    instead of the fused kernels (`normalize_by_own_statistics`), whose own derivative
     (`nn_grad._FusedBatchNormGradGradV3`) recomputes the backward pass under
     a tape and raised peak memory above the unfused graph's (the figures are
     in benchmarks/README.md). Every other pass (query passes, first-order
@@ -200,10 +200,38 @@ def differentiated_twice(enabled: bool = True) -> Iterator[None]:
         _TWICE_DIFFERENTIATED.value = previous
 
 
-def fused_batch_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
-                     axes: Sequence[int], epsilon: float
-                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor] | None:
-    """Batch norm by the pass's own statistics in fused kernels, or None where they don't pay.
+def _fused_kernels_fit(x: tf.Tensor, gamma: tf.Tensor, axes: Sequence[int]) -> bool:
+    """Whether a pass by its own statistics may take the fused kernels (layout, dtype, order)."""
+    return (not getattr(_TWICE_DIFFERENTIATED, "value", False) and x.dtype in FUSED_DTYPES and
+            gamma.shape.rank == 1 and x.shape.rank == 4 and tuple(axes) == (0, 1, 2))
+
+
+def fused_batch_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Batch norm of `[N, H, W, C]` by its own statistics, in TensorFlow's fused kernels.
+
+    Args:
+        x: Activations `[N, H, W, C]`, N > 0.
+        gamma: Scale `[C]`.
+        beta: Shift `[C]`.
+        epsilon: Added to the variance before the square root.
+
+    Returns:
+        `(normalised, mean [C], biased variance [C])`.
+    """
+    empty = tf.zeros([0], x.dtype)  # No population statistics in training mode.
+    normalised, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    count = tf.cast(_count(x, (0, 1, 2)), unbiased.dtype)
+    # The kernel reports the unbiased variance; the moments here are biased.
+    return normalised, mean, unbiased * ((count - 1.0) / count)
+
+
+def normalize_by_own_statistics(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
+                                axes: Sequence[int], epsilon: float
+                                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Batch norm of `x` by its own statistics over `axes`, in fused kernels where they pay.
 
     `FusedBatchNormV3` normalises, and `FusedBatchNormGradV3` differentiates,
     each in one kernel (oneDNN's on CPU, cuDNN's on GPU) instead of a chain of
@@ -211,34 +239,39 @@ def fused_batch_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
     `FusedBatchNormGradV3` is exact, the mean's dependence on `x` included,
     so even a twice-differentiated pass agrees with the float64 path to
     float32 rounding (tests/test_layers.py); such passes still take the
-    unfused path for memory (`differentiated_twice`). The kernels exist for
-    float32 but not float64 on CPU, and take `[N, H, W, C]` with statistics
-    over N, H, W. A task-batched pass (`[T, B, H, W, C]`, axes (1, 2, 3))
-    would need one kernel per task: that traced slower and gained nothing
-    measurable, so it stays unfused.
+    hand-derived gradients (`standardize`, `normalize_with_batch_statistics`)
+    for memory (`differentiated_twice`). The kernels exist for float32 but
+    not float64 on CPU, and take `[N, H, W, C]` with statistics over N, H, W.
+    A task-batched pass (`[T, B, H, W, C]`, axes (1, 2, 3)) would need one
+    kernel per task: that traced slower and gained nothing measurable, so it
+    stays unfused. A batch whose size is known only when run (a serving
+    signature's) is checked then: oneDNN's kernel fails on an empty batch
+    (an empty query set), which takes the unfused path.
 
     Args:
-        x: Activations.
+        x: Activations `[..., C]`.
         gamma: Scale `[C]`.
         beta: Shift `[C]`.
         axes: The axes the statistics reduce.
         epsilon: Added to the variance before the square root.
 
     Returns:
-        `(normalised, mean [C], biased variance [C])`, or None for a pass
-        inside `differentiated_twice`, a dtype not in `FUSED_DTYPES` or
-        another layout.
+        `(normalised, mean, biased variance)`, the moments with `axes`
+        removed (e.g. `[C]`, or `[T, C]` for `axes=(1, 2, 3)`).
     """
-    if (getattr(_TWICE_DIFFERENTIATED, "value", False) or x.dtype not in FUSED_DTYPES or
-            gamma.shape.rank != 1 or x.shape.rank != 4 or tuple(axes) != (0, 1, 2)):
-        return None
-    empty = tf.zeros([0], x.dtype)  # No population statistics in training mode.
-    normalised, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
-        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
-    count = tf.cast(_count(x, axes), unbiased.dtype)
-    # The kernel reports the unbiased variance; the moments here are biased.
-    return normalised, mean, unbiased * ((count - 1.0) / count)
+    def unfused():
+        mean, variance, centred, inv_std = standardize(x, axes, epsilon)
+        normalised = normalize_with_batch_statistics(centred, inv_std, gamma, beta, x, axes)
+        return normalised, tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+
+    def fused():
+        return fused_batch_norm(x, gamma, beta, epsilon)
+
+    if not _fused_kernels_fit(x, gamma, axes):
+        return unfused()
+    if x.shape.is_fully_defined():
+        return fused() if x.shape.num_elements() else unfused()
+    return tf.cond(tf.size(x) > 0, fused, unfused)
 
 
 def _count(x: tf.Tensor, axes: Sequence[int]) -> int | tf.Tensor:
@@ -496,15 +529,8 @@ class PerStepBatchNorm(keras.layers.Layer):
         gamma, beta = self._row(self.gamma, step), self._row(self.beta, step)
         stored = not training and (self.bn_stats == "running" or self.context_size is not None)
         if context is None and not stored and self.bn_stats != "tasknorm":
-            # Every image of the pass by the pass's own statistics: fused
-            # kernels, else the hand-derived gradients (`standardize`,
-            # `normalize_with_batch_statistics`).
-            fused = fused_batch_norm(x, gamma, beta, axes, self.epsilon)
-            if fused is not None:
-                return fused
-            mean, variance, centred, inv_std = standardize(x, axes, self.epsilon)
-            normalised = normalize_with_batch_statistics(centred, inv_std, gamma, beta, x, axes)
-            return normalised, tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+            # Every image of the pass by the pass's own statistics.
+            return normalize_by_own_statistics(x, gamma, beta, axes, self.epsilon)
         sample = x if context is None else leading_rows(x, axes[0], context)
         mean, variance, _ = batch_moments(sample, axes)
         moments = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
