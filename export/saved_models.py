@@ -237,8 +237,8 @@ def _task_checks(support_images: tf.Tensor, support_labels: tf.Tensor,
     """Assertions that a meta-model request holds well-formed tasks.
 
     Each fails the request with InvalidArgument and a message naming the
-    input at fault: lengths, task counts, an empty support set, labels
-    outside `[0, n_way)`.
+    input at fault: lengths, task counts, an empty support or query set,
+    labels outside `[0, n_way)`.
     """
     labels_shape = tf.shape(support_labels)
     return [
@@ -253,6 +253,7 @@ def _task_checks(support_images: tf.Tensor, support_labels: tf.Tensor,
             message="query_images and support_images differ in their number of "
             "tasks T"),
         tf.debugging.assert_positive(labels_shape[1], message="support set is empty"),
+        tf.debugging.assert_positive(tf.shape(query_images)[1], message="query set is empty"),
         tf.debugging.assert_non_negative(support_labels,
                                          message="support_labels must be >= 0"),
         tf.debugging.assert_less(support_labels,

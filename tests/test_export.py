@@ -491,6 +491,14 @@ def test_meta_model_refuses_an_empty_support_set(exported):
               query_images=tf.constant(exported.queries[None, :2]))
 
 
+def test_meta_model_refuses_an_empty_query_set(exported):
+    serve = tf.saved_model.load(exported.meta_dir).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query set is empty"):
+        serve(support_images=tf.constant(exported.queries[None, :5]),
+              support_labels=tf.constant([[0, 1, 2, 3, 4]], tf.int32),
+              query_images=tf.zeros([1, 0, *SHAPE]))
+
+
 def test_every_signature_is_batchable_along_its_first_axis(exported):
     """With batching on, TF Serving batches every signature of a model.
 
