@@ -19,13 +19,12 @@ a mixed dtype policy's compute dtype.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-import math
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import keras
 import tensorflow as tf
 
-from mamlpp_tf.nets.layers import PerStepBatchNorm
+from mamlpp_tf.nets.layers import PerStepBatchNorm, moment_count
 
 POOL_IMPLS = ("max_pool", "reshape")
 
@@ -163,18 +162,6 @@ def has_body_head_split(backbone: Backbone, batched: bool) -> bool:
     suffix = "_tasks" if batched else ""
     return all(callable(getattr(backbone, f"forward_{part}{suffix}", None))
                for part in ("body", "head"))
-
-
-def moment_count(x: tf.Tensor, axes: Sequence[int],
-                 context: int | tf.Tensor | None) -> int | tf.Tensor:
-    """Elements per channel that batch statistics over `axes` reduce (static when known).
-
-    With a `context`, only the first `context` entries along `axes[0]` count.
-    """
-    sizes = [tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in axes]
-    if context is not None:
-        sizes[0] = context
-    return math.prod(sizes)
 
 
 def pool(x: tf.Tensor, impl: str) -> tf.Tensor:

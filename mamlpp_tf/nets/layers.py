@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 import contextlib
+import math
 import threading
 
 import keras
@@ -85,7 +86,7 @@ def standardize(x: tf.Tensor, axes: Sequence[int], epsilon: float
         `centred = x - mean`.
     """
     axes = tuple(axes)
-    count = _count(x, axes)
+    count = moment_count(x, axes, None)
 
     outputs = []  # The op's own outputs, which the gradient reads (exact at any order).
 
@@ -142,7 +143,7 @@ def normalize_with_batch_statistics(centred: tf.Tensor, inv_std: tf.Tensor,
         The normalised, scaled and shifted `x`.
     """
     axes = tuple(axes)
-    count = _count(x, axes)
+    count = moment_count(x, axes, None)
     gamma_axes = tuple(range(x.shape.rank - gamma.shape.rank))
     beta_axes = tuple(range(x.shape.rank - beta.shape.rank))
 
@@ -223,7 +224,7 @@ def fused_batch_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: f
     normalised, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
         x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
         exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
-    count = tf.cast(_count(x, (0, 1, 2)), unbiased.dtype)
+    count = tf.cast(moment_count(x, (0, 1, 2), None), unbiased.dtype)
     # The kernel reports the unbiased variance; the moments here are biased.
     return normalised, mean, unbiased * ((count - 1.0) / count)
 
@@ -271,12 +272,16 @@ def normalize_by_own_statistics(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
     return fused_batch_norm(x, gamma, beta, epsilon)
 
 
-def _count(x: tf.Tensor, axes: Sequence[int]) -> int | tf.Tensor:
-    """Elements of `x` each statistic over `axes` is computed from."""
-    count = 1
-    for axis in axes:
-        count *= _size(x, axis)
-    return count
+def moment_count(x: tf.Tensor, axes: Sequence[int],
+                 context: int | tf.Tensor | None) -> int | tf.Tensor:
+    """Elements per channel that batch statistics over `axes` reduce (static when known).
+
+    With a `context`, only the first `context` entries along `axes[0]` count.
+    """
+    sizes = [_size(x, axis) for axis in axes]
+    if context is not None:
+        sizes[0] = context
+    return math.prod(sizes)
 
 
 def leading_rows(x: tf.Tensor, axis: int, rows: int | tf.Tensor) -> tf.Tensor:
@@ -573,9 +578,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         spatial_axes = axes[1:]
         instance_mean, instance_variance, _ = batch_moments(x, spatial_axes)
         if self.tasknorm_unbiased:
-            pixels = 1
-            for axis in spatial_axes:
-                pixels *= _size(x, axis)
+            pixels = moment_count(x, spatial_axes, None)
             variance = _unbiased(variance, context_size * pixels)
             instance_variance = _unbiased(instance_variance, pixels)
         pooled_mean = alpha * mean + (1.0 - alpha) * instance_mean
