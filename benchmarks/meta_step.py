@@ -128,6 +128,10 @@ flags.register_validator("impl", lambda v: set(v) <= {"loop", "batched", "auto"}
                          "--impl: choose from loop, batched, auto.")
 flags.register_validator("jit_compile", lambda v: set(v) <= {"off", "on"},
                          "--jit_compile: choose from off, on.")
+for _checkout_flag in ("baseline_repo", "code_dir"):
+    flags.register_validator(
+        _checkout_flag, lambda v: v is None or os.path.isdir(os.path.join(v, "mamlpp_tf")),
+        f"--{_checkout_flag}: a checkout of this repository (a folder holding mamlpp_tf/).")
 flags.register_validator("compute_dtype", lambda v: set(v) <= {"float32", "bfloat16"},
                          "--compute_dtype: choose from float32, bfloat16.")
 FLAGS = flags.FLAGS
@@ -312,8 +316,10 @@ def _spawn(command: list[str], record: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def _ratio(official: float | None, ours: float | None) -> float | None:
-    return None if official is None or not ours else round(official / ours, 2)
+def _ratio(numerator: float | None, denominator: float | None,
+           digits: int = 2) -> float | None:
+    return (None if numerator is None or not denominator else
+            round(numerator / denominator, digits))
 
 
 def compare_with_official(ours: dict, official: dict) -> dict:
@@ -380,8 +386,7 @@ def compare_with_baseline(ours: dict, baseline: dict) -> dict:
                 baseline_trace_and_first_step_s=baseline.get("trace_and_first_step_s"),
                 speedup_vs_baseline=_ratio(baseline.get("train_median_s"),
                                            ours.get("train_median_s")),
-                other_op_s_vs_baseline=(None if other is None or not base_other else
-                                        round(other / base_other, 3)))
+                other_op_s_vs_baseline=_ratio(other, base_other, digits=3))
 
 
 def _run_round(name: str, round_index: int) -> list[dict]:

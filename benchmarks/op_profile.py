@@ -34,23 +34,31 @@ def _op_type(event_name: str) -> str | None:
 
 
 def _base_type(op_type: str) -> str:
-    """The op type without oneDNN's and Grappler's prefixes (`_MklNativeFusedConv2D` → `Conv2D`).
+    """The op type without oneDNN's prefixes, and a fused product's without Grappler's.
+
+    `_MklNativeFusedConv2D` → `Conv2D`, `_MklNativeFusedBatchNormV3` →
+    `FusedBatchNormV3`.
 
     Grappler's remapper fuses a convolution with its bias add (`_FusedConv2D`,
     oneDNN's `_MklNativeFusedConv2D`); the product dominates such an op, so
     it counts as a convolution.
     """
     base = op_type.removeprefix("_MklNative").removeprefix("_Mkl")
-    return base.removeprefix("_Fused").removeprefix("Fused")
+    product = base.removeprefix("_Fused").removeprefix("Fused")
+    # Other fused kernels keep their name (`FusedBatchNormV3` is batch norm).
+    return product if _product_kind(product) else base
 
 
-def _kind(op_type: str) -> str:
-    base = _base_type(op_type)
+def _product_kind(base: str) -> str | None:
     if base in CONVOLUTIONS or base.startswith("Conv2D"):
         return "convolution"
     if base in MATMULS or base.startswith("MatMul"):
         return "matmul"
-    return "other"
+    return None
+
+
+def _kind(op_type: str) -> str:
+    return _product_kind(_base_type(op_type)) or "other"
 
 
 def split(by_type: dict[str, float], top: int = 8) -> dict:
